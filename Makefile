@@ -1,0 +1,79 @@
+# convey: `make demo` shows it working, `make test` runs the whole suite. Both install what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= samples/sample-passthrough.toml
+MODE ?= passthrough
+PYTEST_ARGS ?=
+
+.PHONY: help deps venv demo test test-unit test-netns lint format bench bench-quick install-rules remove-rules \
+        show-rules clean-netns clean
+
+help:
+	@echo "make demo                  build a namespace test bed, run convey in every mode, show traffic and /stats"
+	@echo "make test                  install what is needed and run the whole test suite (root for netns tests)"
+	@echo "make lint                  ruff + mypy --strict on convey/"
+	@echo "make bench                 proxy and packet-path benchmarks (ratios against HAProxy/kernel/accept-only)"
+	@echo "make install-rules CONFIG=FILE [MODE=passthrough|dsr]   iptables rules + sysctls in this namespace"
+	@echo "make remove-rules  CONFIG=FILE                           remove exactly those rules"
+	@echo "make clean-netns           remove leftover test namespaces (cvy-*)"
+
+# System packages (Debian): iptables, nftables, iproute2, libnetfilter-queue for the NFQUEUE binding, haproxy and
+# curl for benchmarks and tests. Installs only what is missing; needs root to install.
+deps:
+	@bash scripts/install-system-deps.sh
+
+$(VENV)/.installed: pyproject.toml | deps
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) scripts/demo.py
+
+test: venv
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-netns: venv
+	$(PY) -m pytest tests/netns $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check convey tests bench scripts
+	$(VENV)/bin/ruff format --check convey tests bench scripts
+	$(VENV)/bin/mypy
+
+format: venv
+	$(VENV)/bin/ruff format convey tests bench scripts
+	$(VENV)/bin/ruff check --fix convey tests bench scripts
+
+bench: venv
+	$(PY) bench/proxy.py
+	$(PY) bench/packet.py
+
+bench-quick: venv
+	$(PY) bench/proxy.py --quick
+	$(PY) bench/packet.py --quick
+
+install-rules: venv
+	$(VENV)/bin/convey rules install --config=$(CONFIG) $(if $(filter dsr,$(MODE)),--dsr,--passthrough)
+
+remove-rules: venv
+	$(VENV)/bin/convey rules remove --config=$(CONFIG)
+
+show-rules: venv
+	$(VENV)/bin/convey rules show --config=$(CONFIG) $(if $(filter dsr,$(MODE)),--dsr,--passthrough)
+
+clean-netns:
+	@if [ -x $(PY) ]; then $(PY) -m tests.netns.testbed clean; \
+	else for ns in $$(ip netns list | awk '{print $$1}' | grep '^cvy-'); do \
+	  for pid in $$(ip netns pids $$ns); do kill -9 $$pid; done; ip netns del $$ns; echo "removed $$ns"; done; fi
+
+clean: clean-netns
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache .hypothesis

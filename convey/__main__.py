@@ -1,0 +1,7 @@
+"""`python -m convey` is the `convey` command."""
+
+import sys
+
+from convey.cli import main
+
+sys.exit(main())

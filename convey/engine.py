@@ -1,0 +1,177 @@
+"""Wiring: one running balancer for a mode, built from a config.
+
+The engine owns the live state (pools, stats), the data plane for the mode, the health checker, the config watcher
+and the stats service, all on one asyncio loop (the stats service answers from its own thread and asks the loop for
+a consistent snapshot). ``run`` returns when SIGTERM or SIGINT arrives; SIGHUP reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import signal
+import time
+from typing import Any, Protocol
+
+from convey.balancing.pool import Pool
+from convey.config import Config, ConfigError
+from convey.health import HealthChecker
+from convey.reload import ConfigWatcher
+from convey.stats import Stats, snapshot
+from convey.web import StatsServer
+
+log = logging.getLogger("convey.engine")
+
+MODES = ("proxy", "passthrough", "dsr")
+
+
+class DataPlane(Protocol):
+    async def start(self, config: Config) -> None: ...
+    async def apply(self, config: Config) -> list[str]: ...
+    async def stop(self, timeout: float) -> None: ...
+
+
+class StartupError(Exception):
+    """The balancer cannot start; the message says why and what to do."""
+
+
+def build_plane(mode: str, pools: dict[str, Pool], stats: Stats, options: dict[str, Any]) -> DataPlane:
+    if mode == "proxy":
+        from convey.proxy.listeners import ProxyPlane
+
+        return ProxyPlane(pools, stats)
+    if mode in ("passthrough", "dsr"):
+        try:
+            from convey.dataplane.packet_plane import PacketPlane
+        except ImportError as exc:
+            raise StartupError(f"{mode} mode is not available: {exc}") from None
+        return PacketPlane(mode, pools, stats, **options)
+    raise StartupError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
+
+
+class Engine:
+    def __init__(self, config: Config, mode: str, watch: bool = True, **options: Any) -> None:
+        self.config = config
+        self.mode = mode
+        self.watch = watch
+        self.stats = Stats(mode=mode, started=time.time())
+        self.pools: dict[str, Pool] = {name: Pool(b, mode) for name, b in config.backends.items()}
+        self.plane = build_plane(mode, self.pools, self.stats, options)
+        self.health = HealthChecker(self.pools)
+        self.watcher: ConfigWatcher | None = None
+        self.web: StatsServer | None = None
+        self._stop = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._apply_lock = asyncio.Lock()
+
+    # -- stats ----------------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        frontends = {f.name: f.backend for f in self.config.frontends.values()}
+        return snapshot(self.stats, self.pools, frontends, time.time())
+
+    def snapshot_threadsafe(self, timeout: float = 5.0) -> dict[str, Any]:
+        """Called from the stats thread: computes the snapshot on the loop, so it sees one consistent state."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return self.snapshot()
+        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+
+        def fill() -> None:
+            try:
+                future.set_result(self.snapshot())
+            except Exception as exc:  # pragma: no cover - surfaced to the HTTP client as a 500
+                future.set_exception(exc)
+
+        loop.call_soon_threadsafe(fill)
+        return future.result(timeout)
+
+    # -- reload ---------------------------------------------------------------------------------------------------
+
+    def apply(self, config: Config) -> None:
+        """Schedule a validated config to be applied (from the watcher)."""
+        asyncio.get_running_loop().create_task(self._apply(config))
+
+    async def _apply(self, config: Config) -> None:
+        async with self._apply_lock:
+            changes: list[str] = []
+            for name, backend in config.backends.items():
+                pool = self.pools.get(name)
+                if pool is None:
+                    self.pools[name] = Pool(backend, self.mode)
+                    changes.append(f"backend {name} added with {len(backend.servers)} servers")
+                else:
+                    changes += [f"backend {name}: {c}" for c in pool.update(backend)]
+            for name in list(self.pools):
+                if name not in config.backends:
+                    del self.pools[name]
+                    changes.append(f"backend {name} removed")
+            self.config = config
+            changes += await self.plane.apply(config)
+            self.health.sync()
+            self.stats.reloads += 1
+            self.stats.last_reload_error = None
+            if not changes:
+                changes = ["no changes"]
+            for change in changes:
+                log.info("event=reload_applied change=%r", change)
+
+    def _reload_failed(self, exc: ConfigError) -> None:
+        self.stats.reload_failures += 1
+        self.stats.last_reload_error = str(exc)
+
+    # -- lifecycle ------------------------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def run(self, drain_timeout: float = 5.0) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.plane.start(self.config)
+        try:
+            self.health.sync()
+            if self.watch:
+                self.watcher = ConfigWatcher(self.config.path, self.apply, self._reload_failed)
+                self.watcher.start()
+            if self.config.stats.port is not None:
+                self.web = StatsServer(self.config.stats.address, self.config.stats.port, self.snapshot_threadsafe)
+                self.web.start()
+                log.info(
+                    "event=stats_listening url=http://%s:%d/stats", self.config.stats.address, self.web.port
+                )
+            self._install_signals()
+            log.info(
+                "event=started mode=%s config=%s frontends=%d backends=%d",
+                self.mode, self.config.path, len(self.config.frontends), len(self.config.backends),
+            )
+            await self._stop.wait()
+            log.info("event=stopping drain_timeout=%gs open_connections=%d", drain_timeout,
+                     self.stats.total.current_connections)
+        finally:
+            self._remove_signals()
+            if self.watcher is not None:
+                await self.watcher.stop()
+            await self.health.stop()
+            await self.plane.stop(drain_timeout)
+            if self.web is not None:
+                self.web.stop()
+            log.info("event=stopped")
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _remove_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+    def _on_sighup(self) -> None:
+        log.info("event=sighup")
+        if self.watcher is not None:
+            self.watcher.request_reload()
+        else:
+            ConfigWatcher(self.config.path, self.apply, self._reload_failed).reload("signal")

@@ -1,0 +1,66 @@
+"""Proxy mode's data plane: one :class:`ProxyFrontend` per ``[frontends.<name>]``, kept in step with reloads."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from convey.balancing.pool import Pool
+from convey.config import Config
+from convey.proxy.relay import ProxyFrontend
+from convey.stats import Stats
+
+log = logging.getLogger("convey.proxy")
+
+
+class ProxyPlane:
+    def __init__(self, pools: Mapping[str, Pool], stats: Stats, connect_timeout: float = 3.0) -> None:
+        self.pools = pools
+        self.stats = stats
+        self.connect_timeout = connect_timeout
+        self.frontends: dict[str, ProxyFrontend] = {}
+        self._closing: list[ProxyFrontend] = []
+
+    async def start(self, config: Config) -> None:
+        for front in config.frontends.values():
+            listener = ProxyFrontend(front, self.pools, self.stats, connect_timeout=self.connect_timeout)
+            await listener.start()
+            self.frontends[front.name] = listener
+            log.info("event=listening frontend=%s addr=%s backend=%s", front.name, front.listen_addr, front.backend)
+
+    async def apply(self, config: Config) -> list[str]:
+        """Add, remove and re-point listeners. Connections in flight on a removed listener continue."""
+        changes: list[str] = []
+        for name, listener in list(self.frontends.items()):
+            new = config.frontends.get(name)
+            if new is None or new.listen_addr != listener.config.listen_addr:
+                await listener.stop_listening()
+                self._closing.append(listener)
+                del self.frontends[name]
+                changes.append(f"frontend {name} stopped listening on {listener.config.listen_addr}")
+            elif new != listener.config:
+                changes.append(f"frontend {name} backend {listener.config.backend} -> {new.backend}")
+                listener.config = new
+        for name, front in config.frontends.items():
+            if name in self.frontends:
+                continue
+            listener = ProxyFrontend(front, self.pools, self.stats, connect_timeout=self.connect_timeout)
+            try:
+                await listener.start()
+            except OSError as exc:
+                log.error("event=listen_failed frontend=%s addr=%s error=%r", name, front.listen_addr, str(exc))
+                continue
+            self.frontends[name] = listener
+            changes.append(f"frontend {name} listening on {front.listen_addr} -> backend {front.backend}")
+        self._closing = [c for c in self._closing if c.active > 0]
+        return changes
+
+    async def stop(self, timeout: float) -> None:
+        for listener in [*self.frontends.values(), *self._closing]:
+            await listener.close(timeout)
+        self.frontends.clear()
+        self._closing.clear()
+
+    def sections(self) -> dict[str, Any]:
+        return {}
