@@ -1,11 +1,11 @@
 """Command line: compatible with the original convey, plus ``check`` and ``rules``.
 
-    convey [--config=FILE]                      proxy mode (the default)
-    convey (-p|--passthrough) [--config=FILE]   packet mode through NFQUEUE, full NAT
-    convey (-d|--dsr) [--config=FILE]           direct server return
-    convey check [--config=FILE] [-p|-d]        validate a config and print a summary (exit 0 or 1)
-    convey rules show|install|remove [--config=FILE] [-p|-d]
-    convey -h | --help,  convey -v | --version
+convey [--config=FILE]                      proxy mode (the default)
+convey (-p|--passthrough) [--config=FILE]   packet mode through NFQUEUE, full NAT
+convey (-d|--dsr) [--config=FILE]           direct server return
+convey check [--config=FILE] [-p|-d]        validate a config and print a summary (exit 0 or 1)
+convey rules show|install|remove [--config=FILE] [-p|-d]
+convey -h | --help,  convey -v | --version
 """
 
 from __future__ import annotations
@@ -31,13 +31,21 @@ EXIT_STARTUP = 2
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="config.toml", metavar="FILE", help="config file [default: config.toml]")
+    parser.add_argument(
+        "--config", default="config.toml", metavar="FILE", help="config file [default: config.toml]"
+    )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("-p", "--passthrough", action="store_true", help="packet mode through NFQUEUE (full NAT)")
+    mode.add_argument(
+        "-p", "--passthrough", action="store_true", help="packet mode through NFQUEUE (full NAT)"
+    )
     mode.add_argument("-d", "--dsr", action="store_true", help="direct server return mode")
     parser.add_argument(
-        "--log-level", default="INFO", type=str.upper, metavar="LEVEL",
-        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), help="DEBUG, INFO, WARNING, ERROR [default: INFO]",
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        metavar="LEVEL",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        help="DEBUG, INFO, WARNING, ERROR [default: INFO]",
     )
 
 
@@ -58,7 +66,8 @@ def main_parser() -> argparse.ArgumentParser:
     _add_common(parser)
     parser.add_argument("-v", "--version", action="version", version=f"convey {__version__}")
     parser.add_argument(
-        "--install-rules", action="store_true",
+        "--install-rules",
+        action="store_true",
         help="packet modes: install the iptables rules and sysctls at start and remove the rules at exit",
     )
     parser.add_argument(
@@ -84,7 +93,9 @@ def _load(path: str) -> Config | None:
 
 
 def cmd_check(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="convey check", description="Validate a config file and summarise it.")
+    parser = argparse.ArgumentParser(
+        prog="convey check", description="Validate a config file and summarise it."
+    )
     _add_common(parser)
     args = parser.parse_args(argv)
     config = _load(args.config)
@@ -144,7 +155,8 @@ def run(argv: Sequence[str]) -> int:
     if config is None:
         return EXIT_CONFIG
     mode = _mode(args)
-    from convey.engine import Engine, StartupError
+    from convey.engine import Engine
+    from convey.errors import StartupError
 
     options = {"install_rules": args.install_rules} if mode != "proxy" else {}
     try:

@@ -186,7 +186,9 @@ class _Parser:
             raise self.fail(_join(key, name), f"must be greater than {lo:g} seconds, got {value}")
         return float(value)
 
-    def choice(self, table: dict[str, Any], key: str, name: str, choices: tuple[str, ...], default: str) -> str:
+    def choice(
+        self, table: dict[str, Any], key: str, name: str, choices: tuple[str, ...], default: str
+    ) -> str:
         value = self.string(table, key, name, default)
         if value not in choices:
             raise self.fail(_join(key, name), f"must be one of {', '.join(choices)}, got {value!r}")
@@ -245,9 +247,15 @@ class _Parser:
             scheduler = body.get("scheduler")
             if scheduler is not None:
                 scheduler = self.choice(body, key, "scheduler", SCHEDULERS, "wrr")
-            table_size = self.integer(body, key, "maglev_table_size", 65537, 3, 10_000_019)
+            table_size = self.integer(body, key, "maglev_table_size", 65537, 3, 1_000_003)
             if not _is_prime(table_size):
                 raise self.fail(f"{key}.maglev_table_size", f"must be a prime number, got {table_size}")
+            if table_size < 100 * max(1, len(servers)):
+                raise self.fail(
+                    f"{key}.maglev_table_size",
+                    f"must be at least 100 x the number of servers ({len(servers)}) for an even spread, "
+                    f"got {table_size}",
+                )
             result[name] = BackendConfig(
                 name=name,
                 servers=servers,
@@ -292,7 +300,9 @@ class _Parser:
             self.known(body, key, ("listen_addr", "backend"))
             listen = self.address(body, key, "listen_addr")
             if listen in seen:
-                raise self.fail(f"{key}.listen_addr", f"{listen} is already used by frontend {seen[listen]!r}")
+                raise self.fail(
+                    f"{key}.listen_addr", f"{listen} is already used by frontend {seen[listen]!r}"
+                )
             seen[listen] = name
             backend = self.string(body, key, "backend")
             if backend not in backends:
@@ -310,7 +320,9 @@ class _Parser:
             if isinstance(raw, str) and raw.strip().isdigit():
                 raw = int(raw.strip())
             if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= 65535:
-                raise self.fail("stats.port", f"must be a port number 1-65535 (integer or string), got {raw!r}")
+                raise self.fail(
+                    "stats.port", f"must be a port number 1-65535 (integer or string), got {raw!r}"
+                )
             port = raw
         address = self.ipv4(self.string(section, "stats", "address", DEFAULT_STATS_ADDRESS), "stats.address")
         return StatsConfig(port, address)
@@ -342,7 +354,9 @@ class _Parser:
         if len(set(source_addrs)) != len(source_addrs):
             raise self.fail(f"{key}.source_addrs", "lists an address twice")
         return PassthroughConfig(
-            connection_tracker_capacity=self.integer(section, key, "connection_tracker_capacity", 20000, 1, 10**7),
+            connection_tracker_capacity=self.integer(
+                section, key, "connection_tracker_capacity", 20000, 1, 10**7
+            ),
             workers=self.integer(section, key, "workers", 1, 1, 256),
             stats_update_frequency=self.seconds(section, key, "stats_update_frequency", 5.0),
             port_range=port_range,
@@ -360,12 +374,12 @@ class _Parser:
         if isinstance(value, str):
             lo_text, sep, hi_text = value.partition("-")
             if not sep or not lo_text.strip().isdigit() or not hi_text.strip().isdigit():
-                raise self.fail(key, f"must be \"LOW-HIGH\" or [LOW, HIGH], got {value!r}")
+                raise self.fail(key, f'must be "LOW-HIGH" or [LOW, HIGH], got {value!r}')
             lo, hi = int(lo_text), int(hi_text)
         elif isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value):
             lo, hi = value
         else:
-            raise self.fail(key, f"must be \"LOW-HIGH\" or [LOW, HIGH], got {value!r}")
+            raise self.fail(key, f'must be "LOW-HIGH" or [LOW, HIGH], got {value!r}')
         if not 1024 <= lo <= hi <= 65535:
             raise self.fail(key, f"must satisfy 1024 <= LOW <= HIGH <= 65535, got {lo}-{hi}")
         return (lo, hi)
@@ -376,7 +390,9 @@ class _Parser:
         key = "dsr"
         section = self.table(value, key)
         self.known(
-            section, key, ("rewrite", "egress_nat", "queue_num", "idle_timeout", "fwmark_base", "route_table_base")
+            section,
+            key,
+            ("rewrite", "egress_nat", "queue_num", "idle_timeout", "fwmark_base", "route_table_base"),
         )
         rewrite = self.choice(section, key, "rewrite", DSR_REWRITES, "ip")
         egress = self.choice(section, key, "egress_nat", EGRESS_NAT_METHODS, "auto")
@@ -389,8 +405,8 @@ class _Parser:
                         raise self.fail(
                             f"backends.{front.backend}.servers.{server.name}.addr",
                             f"port {server.addr.port} differs from frontends.{front.name}.listen_addr port "
-                            f"{front.listen_addr.port}; dsr.egress_nat = \"tc\" cannot restore ports "
-                            "(use \"nft\" or \"auto\", or the same port)",
+                            f'{front.listen_addr.port}; dsr.egress_nat = "tc" cannot restore ports '
+                            '(use "nft" or "auto", or the same port)',
                         )
         return DsrConfig(
             rewrite=rewrite,
@@ -407,7 +423,14 @@ def _join(key: str, name: str) -> str:
 
 
 def _kind(value: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }
     return names.get(type(value), type(value).__name__)
 
 

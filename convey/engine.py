@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from convey.balancing.pool import Pool
 from convey.config import Config, ConfigError
+from convey.errors import StartupError
 from convey.health import HealthChecker
 from convey.reload import ConfigWatcher
 from convey.stats import Stats, snapshot
@@ -30,10 +31,6 @@ class DataPlane(Protocol):
     async def start(self, config: Config) -> None: ...
     async def apply(self, config: Config) -> list[str]: ...
     async def stop(self, timeout: float) -> None: ...
-
-
-class StartupError(Exception):
-    """The balancer cannot start; the message says why and what to do."""
 
 
 def build_plane(mode: str, pools: dict[str, Pool], stats: Stats, options: dict[str, Any]) -> DataPlane:
@@ -135,7 +132,9 @@ class Engine:
                 self.watcher = ConfigWatcher(self.config.path, self.apply, self._reload_failed)
                 self.watcher.start()
             if self.config.stats.port is not None:
-                self.web = StatsServer(self.config.stats.address, self.config.stats.port, self.snapshot_threadsafe)
+                self.web = StatsServer(
+                    self.config.stats.address, self.config.stats.port, self.snapshot_threadsafe
+                )
                 self.web.start()
                 log.info(
                     "event=stats_listening url=http://%s:%d/stats", self.config.stats.address, self.web.port
@@ -143,11 +142,17 @@ class Engine:
             self._install_signals()
             log.info(
                 "event=started mode=%s config=%s frontends=%d backends=%d",
-                self.mode, self.config.path, len(self.config.frontends), len(self.config.backends),
+                self.mode,
+                self.config.path,
+                len(self.config.frontends),
+                len(self.config.backends),
             )
             await self._stop.wait()
-            log.info("event=stopping drain_timeout=%gs open_connections=%d", drain_timeout,
-                     self.stats.total.current_connections)
+            log.info(
+                "event=stopping drain_timeout=%gs open_connections=%d",
+                drain_timeout,
+                self.stats.total.current_connections,
+            )
         finally:
             self._remove_signals()
             if self.watcher is not None:

@@ -50,7 +50,9 @@ class HealthChecker:
                 self._tasks.pop(name).cancel()
         for name in self.pools:
             if name not in self._tasks:
-                self._tasks[name] = asyncio.get_running_loop().create_task(self._run(name), name=f"health-{name}")
+                self._tasks[name] = asyncio.get_running_loop().create_task(
+                    self._run(name), name=f"health-{name}"
+                )
 
     async def stop(self) -> None:
         tasks = list(self._tasks.values())
@@ -71,12 +73,19 @@ class HealthChecker:
             if changed:
                 log.warning(
                     "event=server_up backend=%s server=%s addr=%s after=%d_checks",
-                    pool.name, server.name, server.addr, pool.config.rise,
+                    pool.name,
+                    server.name,
+                    server.addr,
+                    pool.config.rise,
                 )
             else:
                 log.warning(
                     "event=server_down backend=%s server=%s addr=%s after=%d_checks error=%r",
-                    pool.name, server.name, server.addr, pool.config.fall, error,
+                    pool.name,
+                    server.name,
+                    server.addr,
+                    pool.config.fall,
+                    error,
                 )
             if self.on_change is not None:
                 self.on_change(pool, server, changed)

@@ -9,6 +9,7 @@ running config stays, and the next change is tried again. SIGHUP forces an immed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -74,10 +75,8 @@ class ConfigWatcher:
     async def _run(self) -> None:
         pending: Signature | None = None
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_interval)
-            except TimeoutError:
-                pass
             if self._wake.is_set():
                 self._wake.clear()
                 self._seen = _signature(self.path)

@@ -93,7 +93,9 @@ def failed(scopes: Iterable[Counters]) -> None:
         c.failed += 1
 
 
-def snapshot(stats: Stats, pools: Mapping[str, Pool], frontends: Mapping[str, str], now: float) -> dict[str, Any]:
+def snapshot(
+    stats: Stats, pools: Mapping[str, Pool], frontends: Mapping[str, str], now: float
+) -> dict[str, Any]:
     """The /stats document. ``frontends`` maps frontend name -> backend name (the live config)."""
     doc: dict[str, Any] = {
         "mode": stats.mode,

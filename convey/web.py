@@ -45,7 +45,8 @@ class _Collector:
         for scope, label in (("frontends", "frontend"), ("backends", "backend")):
             cur = GaugeMetricFamily(f"convey_{label}_current_connections", "Open connections", labels=[label])
             fams = {
-                k: CounterMetricFamily(f"convey_{label}_{k}", help_, labels=[label]) for k, help_ in _COUNTERS.items()
+                k: CounterMetricFamily(f"convey_{label}_{k}", help_, labels=[label])
+                for k, help_ in _COUNTERS.items()
             }
             for name, body in doc[scope].items():
                 cur.add_metric([name], body["current_connections"])
@@ -89,7 +90,7 @@ def _flatten(doc: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]
 def make_app(snapshot: Snapshot) -> bottle.Bottle:
     app = bottle.Bottle()
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(snapshot))  # type: ignore[arg-type]
+    registry.register(_Collector(snapshot))
 
     @app.get("/stats")  # type: ignore[untyped-decorator]
     def stats() -> str:
@@ -134,10 +135,10 @@ def render_page(doc: dict[str, Any]) -> str:
     return f"""<!doctype html><html><head><meta charset="utf-8"><meta http-equiv="refresh" content="5">
 <title>convey</title><style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em .8em;text-align:left}}
 table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style></head><body>
-<h1>convey ({e(str(doc['mode']))} mode)</h1>
-<p>up {doc['uptime_seconds']:.0f}s &middot; connections: {doc['current_connections']} open,
-{doc['total_connections']} total, {doc['refused']} refused &middot; bytes from clients {doc['bytes_rx']},
-to clients {doc['bytes_tx']} &middot; reloads {doc['reloads']} (failed {doc['reload_failures']})</p>
+<h1>convey ({e(str(doc["mode"]))} mode)</h1>
+<p>up {doc["uptime_seconds"]:.0f}s &middot; connections: {doc["current_connections"]} open,
+{doc["total_connections"]} total, {doc["refused"]} refused &middot; bytes from clients {doc["bytes_rx"]},
+to clients {doc["bytes_tx"]} &middot; reloads {doc["reloads"]} (failed {doc["reload_failures"]})</p>
 <h2>Frontends</h2><table><tr><th>frontend</th><th>backend</th><th>open</th><th>total</th><th>refused</th>
 <th>bytes in</th><th>bytes out</th></tr>{fronts}</table>
 <h2>Servers</h2><table><tr><th>backend</th><th>server</th><th>address</th><th>state</th><th>weight</th><th>open</th>
@@ -165,7 +166,9 @@ class StatsServer:
                 address, port, self.app, server_class=_ThreadingServer, handler_class=_QuietHandler
             )
         except OSError as exc:
-            raise OSError(exc.errno, f"stats service cannot listen on {address}:{port}: {exc.strerror}") from None
+            raise OSError(
+                exc.errno, f"stats service cannot listen on {address}:{port}: {exc.strerror}"
+            ) from None
         self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, name="stats-http", daemon=True)
 

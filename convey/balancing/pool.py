@@ -58,9 +58,7 @@ class Pool:
         self.name = config.name
         self.mode = mode
         self.config = config
-        self.servers: dict[str, Server] = {
-            s.name: Server(s.name, s.addr, s.weight) for s in config.servers
-        }
+        self.servers: dict[str, Server] = {s.name: Server(s.name, s.addr, s.weight) for s in config.servers}
         self.retired: dict[str, Server] = {}  # removed from the config, still carrying connections
         self.scheduler_name = config.scheduler_for(mode)
         self._scheduler: Scheduler = self._build()

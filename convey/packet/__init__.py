@@ -1,0 +1,6 @@
+"""The sans-I/O packet core of the passthrough and DSR modes.
+
+``checksum`` (RFC 1071 sums, RFC 1624 deltas), ``ipv4`` (parse, in-place rewrite, resets), ``ports``
+(ephemeral port allocation), ``flows`` (the flow table), ``passthrough`` and ``dsr`` (the per-packet decisions
+the NFQUEUE handlers call). No sockets, threads or clocks: time comes in as ``now`` (seconds, monotonic).
+"""

@@ -27,7 +27,9 @@ class ProxyPlane:
             listener = ProxyFrontend(front, self.pools, self.stats, connect_timeout=self.connect_timeout)
             await listener.start()
             self.frontends[front.name] = listener
-            log.info("event=listening frontend=%s addr=%s backend=%s", front.name, front.listen_addr, front.backend)
+            log.info(
+                "event=listening frontend=%s addr=%s backend=%s", front.name, front.listen_addr, front.backend
+            )
 
     async def apply(self, config: Config) -> list[str]:
         """Add, remove and re-point listeners. Connections in flight on a removed listener continue."""
@@ -49,7 +51,9 @@ class ProxyPlane:
             try:
                 await listener.start()
             except OSError as exc:
-                log.error("event=listen_failed frontend=%s addr=%s error=%r", name, front.listen_addr, str(exc))
+                log.error(
+                    "event=listen_failed frontend=%s addr=%s error=%r", name, front.listen_addr, str(exc)
+                )
                 continue
             self.frontends[name] = listener
             changes.append(f"frontend {name} listening on {front.listen_addr} -> backend {front.backend}")

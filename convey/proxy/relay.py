@@ -1,0 +1,436 @@
+"""Proxy mode's data plane: a TCP relay built on asyncio Protocols (no streams, no per-chunk tasks).
+
+One :class:`ProxyFrontend` listens for one ``[frontends.<name>]`` section. Each accepted client gets a
+:class:`_Client` protocol; once a server has accepted, a :class:`_Upstream` protocol is linked to it and bytes are
+passed between the two transports as they arrive (``transport.write`` of the very ``bytes`` object received, so a
+chunk is copied only when the kernel cannot take it at once).
+
+Per connection:
+
+* accepted: ``opened`` on (total, frontend, backend); the client's reading is paused until a server is connected, so
+  early client bytes wait in the kernel and are delivered after the connect (nothing is buffered here).
+* ``pools[config.backend].candidates(...)`` gives up to ``max_attempts`` servers; none -> ``refused`` is counted and
+  the client is reset (RST: SO_LINGER 0 then abort, so it learns at once that nobody will answer, and no TIME_WAIT is
+  left here). Each candidate gets ``connect_timeout`` seconds; a failure counts ``failed`` on that server's scope and
+  the next one is tried. When all fail, ``failed`` is counted on (total, frontend, backend) and the client is reset.
+* connected: ``pool.acquire(server)``, ``opened`` on the server's scope, then relay. Half-close is passed on: an EOF
+  from one side becomes ``write_eof()`` towards the other, which may keep sending; both transports are closed once
+  both directions have ended, or as soon as either side's connection is lost (the other side still gets what was
+  already buffered for it: ``close()`` flushes).
+* flow control: when one transport's write buffer passes its high-water mark the other side stops reading until it
+  drains, so a slow peer never makes the proxy buffer more than about one high-water mark per direction.
+* exactly once, when both transports are gone: ``closed`` on every scope opened and ``pool.release(server)``.
+
+TCP_NODELAY: both asyncio's selector loop and uvloop set it on every TCP transport they create, accepted and
+connected ones alike (tests check it), so it is not set again here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+from convey.balancing.pool import Pool, Server
+from convey.balancing.schedulers import flow_hash
+from convey.config import FrontendConfig
+from convey.stats import Counters, Stats, closed, failed, opened, refused
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ProxyFrontend"]
+
+# Schedulers known to ignore the flow hash: skip computing it for them (the peer address lookup and two splitmix
+# rounds are a measurable part of a short connection's cost).
+_HASH_FREE_SCHEDULERS = frozenset({"wrr", "least_conn"})
+
+# struct linger {int l_onoff; int l_linger;} = {1, 0}: close() sends RST.
+_LINGER_RST = struct.pack("ii", 1, 0)
+
+# Write buffer limits of both transports of a connection (bytes). The high mark bounds what the proxy holds per
+# direction for a slow reader; larger marks mean fewer pause/resume round trips on bulk transfers.
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+
+def _ipv4_int(host: str) -> int:
+    try:
+        return int.from_bytes(socket.inet_aton(host), "big")
+    except OSError:
+        return 0
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Close a client connection with RST (SO_LINGER 0), dropping anything unsent."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        except OSError:
+            pass
+    transport.abort()
+
+
+class ProxyFrontend:
+    """Listens on one frontend's address and relays each client to a server of its backend's pool."""
+
+    def __init__(
+        self,
+        config: FrontendConfig,
+        pools: Mapping[str, Pool],
+        stats: Stats,
+        connect_timeout: float = 3.0,
+        max_attempts: int = 3,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
+        if connect_timeout <= 0:
+            raise ValueError(f"connect_timeout must be positive, got {connect_timeout}")
+        # The engine may replace ``config`` on reload; it is read for every new connection.
+        self.config = config
+        self.pools = pools
+        self.stats = stats
+        self.connect_timeout = connect_timeout
+        self.max_attempts = max_attempts
+        self._server: asyncio.AbstractServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conns: set[_Client] = set()
+        self._drained: asyncio.Future[None] | None = None
+        # Cached per config object: the (total, frontend, backend) counters and the listen address as an int.
+        self._scopes_config: FrontendConfig | None = None
+        self._scopes: tuple[Counters, ...] = ()
+        self._listen_int = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError(f"frontend {self.config.name}: already started")
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        addr = self.config.listen_addr
+        try:
+            self._server = await loop.create_server(
+                self._new_client, addr.host, addr.port, reuse_address=True, backlog=1024
+            )
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"frontend {self.config.name}: cannot listen on {addr}: {exc.strerror or exc}"
+            ) from exc
+        log.info(
+            "frontend=%s event=listening addr=%s backend=%s", self.config.name, addr, self.config.backend
+        )
+
+    @property
+    def sockets(self) -> tuple[Any, ...]:
+        """The listening sockets (empty when not listening); tests use them to learn an ephemeral port."""
+        return tuple(self._server.sockets) if self._server is not None else ()
+
+    async def stop_listening(self) -> None:
+        """Stop accepting new connections; connections in flight continue."""
+        server = self._server
+        if server is None:
+            return
+        self._server = None
+        server.close()
+        # uvloop closes its handles on the next loop iteration: let it, so the port is free when this returns.
+        await asyncio.sleep(0)
+        log.info("frontend=%s event=stopped_listening active=%d", self.config.name, len(self._conns))
+
+    async def close(self, timeout: float) -> None:
+        """Stop listening, wait up to ``timeout`` seconds for connections to end, then abort the rest."""
+        await self.stop_listening()
+        if self._conns:
+            loop = asyncio.get_running_loop()
+            self._drained = loop.create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._drained), timeout)
+            except TimeoutError:
+                pass
+        if self._conns:
+            log.info("frontend=%s event=aborting connections=%d", self.config.name, len(self._conns))
+            for conn in list(self._conns):
+                conn.abort()
+            # connection_lost callbacks run on the next iterations; give them a bounded moment.
+            for _ in range(100):
+                if not self._conns:
+                    break
+                await asyncio.sleep(0.001)
+        self._drained = None
+
+    @property
+    def active(self) -> int:
+        """Connections accepted and not yet fully closed (connecting ones included)."""
+        return len(self._conns)
+
+    # -- per connection -----------------------------------------------------------------------------------------
+
+    def _new_client(self) -> _Client:
+        return _Client(self)
+
+    def _refresh(self) -> FrontendConfig:
+        config = self.config
+        stats = self.stats
+        self._scopes = (stats.total, stats.frontend(config.name), stats.backend(config.backend))
+        self._listen_int = _ipv4_int(config.listen_addr.host)
+        self._scopes_config = config
+        return config
+
+    def _flow_hash(self, transport: asyncio.BaseTransport) -> int:
+        peer = transport.get_extra_info("peername")
+        if not peer:
+            return 0
+        return flow_hash(_ipv4_int(peer[0]), peer[1], self._listen_int, self.config.listen_addr.port)
+
+    def _forget(self, conn: _Client) -> None:
+        self._conns.discard(conn)
+        drained = self._drained
+        if drained is not None and not self._conns and not drained.done():
+            drained.set_result(None)
+
+
+class _Client(asyncio.Protocol):
+    """The client side of one proxied connection; owns the connection's state and accounting."""
+
+    __slots__ = ("_done", "_eof", "_fe", "_lost", "_pool", "_scopes", "_server", "_task", "_up", "transport")
+
+    transport: asyncio.Transport
+
+    def __init__(self, frontend: ProxyFrontend) -> None:
+        self._fe = frontend
+        self._up: _Upstream | None = None
+        self._pool: Pool | None = None
+        self._server: Server | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._scopes: tuple[Counters, ...] = ()
+        self._eof = False  # the client has sent EOF
+        self._lost = False  # the client transport is gone
+        self._done = False  # accounting done
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        # Early client bytes stay in the kernel until a server is connected.
+        transport.pause_reading()
+        fe = self._fe
+        config = fe.config
+        if config is not fe._scopes_config:
+            config = fe._refresh()
+        scopes = self._scopes = fe._scopes
+        opened(scopes)
+        fe._conns.add(self)
+        pool = fe.pools.get(config.backend)
+        candidates: list[Server] = []
+        if pool is not None:
+            h = 0 if pool.scheduler_name in _HASH_FREE_SCHEDULERS else fe._flow_hash(transport)
+            candidates = pool.candidates(h, fe.max_attempts)
+        if not candidates:
+            refused(scopes)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "frontend=%s event=refused backend=%s client=%s",
+                    config.name,
+                    config.backend,
+                    transport.get_extra_info("peername"),
+                )
+            _reset(transport)
+            return
+        self._pool = pool
+        assert fe._loop is not None
+        self._task = fe._loop.create_task(self._connect(candidates, config.backend))
+
+    async def _connect(self, candidates: list[Server], backend: str) -> None:
+        fe = self._fe
+        loop = fe._loop
+        assert loop is not None
+        timeout = fe.connect_timeout
+        for server in candidates:
+            up = _Upstream(self)
+            addr = server.addr
+            try:
+                async with asyncio.timeout(timeout):
+                    transport, _ = await loop.create_connection(lambda: up, addr.host, addr.port)
+            except asyncio.CancelledError:
+                raise  # the client went away, or the frontend is closing
+            except Exception as exc:  # OSError, TimeoutError, or anything odd from the loop: try the next one
+                failed((fe.stats.server(backend, server.name),))
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "frontend=%s event=connect_failed backend=%s server=%s addr=%s error=%r",
+                        fe.config.name,
+                        backend,
+                        server.name,
+                        addr,
+                        exc,
+                    )
+                continue
+            assert isinstance(transport, asyncio.Transport)
+            if self._lost or transport.is_closing():
+                transport.close()
+                return
+            self._link(up, transport, server, backend)
+            return
+        failed(self._scopes)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("frontend=%s event=all_failed backend=%s", fe.config.name, backend)
+        if not self._lost:
+            _reset(self.transport)
+
+    def _link(self, up: _Upstream, transport: asyncio.Transport, server: Server, backend: str) -> None:
+        assert self._pool is not None
+        self._pool.acquire(server)
+        self._server = server
+        server_scope = self._fe.stats.server(backend, server.name)
+        opened((server_scope,))
+        self._scopes = up._scopes = (*self._scopes, server_scope)
+        self._up = up
+        up._linked = True
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        transport.resume_reading()
+        self.transport.resume_reading()
+        self._task = None
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "frontend=%s event=connected backend=%s server=%s client=%s",
+                self._fe.config.name,
+                backend,
+                server.name,
+                self.transport.get_extra_info("peername"),
+            )
+
+    # -- client -> server -----------------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        # Reading is only resumed once linked, so _up is set here.
+        self._up.transport.write(data)  # type: ignore[union-attr]
+        n = len(data)
+        for c in self._scopes:
+            c.bytes_rx += n
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        up = self._up
+        if up is not None and not up._lost:
+            if up._eof:
+                self._close_both(up)
+            else:
+                up.transport.write_eof()
+        return True  # keep the client transport open: the server may still answer
+
+    def _close_both(self, up: _Upstream) -> None:
+        self.transport.close()
+        up.transport.close()
+
+    # -- flow control: the client is slow to read what the server sends -------------------------------------------
+
+    def pause_writing(self) -> None:
+        up = self._up
+        if up is not None and not up._lost and not up._eof:
+            up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        up = self._up
+        if up is not None and not up._lost and not up._eof:
+            up.transport.resume_reading()
+
+    # -- the end ----------------------------------------------------------------------------------------------------
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        up = self._up
+        if up is None:
+            task = self._task
+            if task is not None and not task.done():
+                task.cancel()
+            self._finish()
+        elif up._lost:
+            self._finish()
+        else:
+            up.transport.close()  # flushes what the client sent before going away
+        if exc is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("frontend=%s event=client_lost error=%r", self._fe.config.name, exc)
+
+    def abort(self) -> None:
+        """Drop the connection now (frontend shutdown)."""
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+        up = self._up
+        if up is not None and not up._lost:
+            up.transport.abort()
+        if not self._lost:
+            self.transport.abort()
+
+    def _finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        closed(self._scopes)
+        server = self._server
+        if server is not None:
+            assert self._pool is not None
+            self._pool.release(server)
+        self._fe._forget(self)
+
+
+class _Upstream(asyncio.Protocol):
+    """The server side of one proxied connection."""
+
+    __slots__ = ("_client", "_eof", "_linked", "_lost", "_scopes", "transport")
+
+    transport: asyncio.Transport
+
+    def __init__(self, client: _Client) -> None:
+        self._client = client
+        self._scopes: tuple[Counters, ...] = ()
+        self._eof = False  # the server has sent EOF
+        self._lost = False
+        self._linked = False  # the connect attempt succeeded and the client is relayed to this server
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        # Nothing is read until the connection is linked to its client (see _Client._link).
+        transport.pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self._client.transport.write(data)
+        n = len(data)
+        for c in self._scopes:
+            c.bytes_tx += n
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        client = self._client
+        if not client._lost:
+            if client._eof:
+                client._close_both(self)
+            else:
+                client.transport.write_eof()
+        return True  # keep the server transport open: the client may still send
+
+    def pause_writing(self) -> None:
+        client = self._client
+        if not client._lost and not client._eof:
+            client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        client = self._client
+        if not client._lost and not client._eof:
+            client.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if not self._linked:
+            return  # an abandoned connect attempt
+        client = self._client
+        if client._lost:
+            client._finish()
+        else:
+            client.transport.close()  # flushes what the server sent before going away
+        if exc is not None and log.isEnabledFor(logging.DEBUG):
+            log.debug("frontend=%s event=server_lost error=%r", client._fe.config.name, exc)

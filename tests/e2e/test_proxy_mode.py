@@ -1,0 +1,213 @@
+"""Proxy mode end to end: the real `convey` command, real test servers, real clients, all on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from tests.e2e.conftest import ROOT, Convey, HttpServer, free_port, http_get, stats, wait_for, who
+
+
+def write_config(
+    path: Path,
+    servers: dict[str, tuple[str, int]],
+    listen_port: int,
+    stats_port: int,
+    interval: float = 0.2,
+    extra_frontends: str = "",
+) -> Path:
+    lines = [
+        "[frontends.web]",
+        f'listen_addr = "127.0.0.1:{listen_port}"',
+        'backend = "pool"',
+        extra_frontends,
+        "[backends.pool]",
+        f"health_check_interval = {interval}",
+        "health_check_timeout = 0.5",
+        "rise = 2",
+        "fall = 2",
+    ]
+    for name, (addr, weight) in servers.items():
+        lines += [f"[backends.pool.servers.{name}]", f'addr = "{addr}"', f"weight = {weight}"]
+    lines += ["[stats]", f'port = "{stats_port}"']
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)  # atomic, as an operator's tooling would do
+    return path
+
+
+def test_weights_reload_health_stats_end_to_end(
+    tmp_path: Path, servers: Callable[..., HttpServer], convey_proc: Callable[..., Convey]
+) -> None:
+    a, b = servers("a"), servers("b")
+    port, sport = free_port(), free_port()
+    vip = f"127.0.0.1:{port}"
+    cfg = write_config(tmp_path / "c.toml", {"a": (a.addr, 10000), "b": (b.addr, 1)}, port, sport)
+    lb = convey_proc(cfg)
+    wait_for(lambda: stats(sport), 10, "the stats service")
+
+    # weights 10000:1 -> all of 10 requests go to a
+    assert [who(vip) for _ in range(10)] == ["a"] * 10
+
+    # weight 0 for a (written to the file, no restart) -> new requests go to b within a few seconds
+    write_config(cfg, {"a": (a.addr, 0), "b": (b.addr, 1)}, port, sport)
+    lb.wait_log("weight 10000 -> 0")
+    wait_for(lambda: who(vip) == "b", 5, "traffic to move to b after the reload")
+    assert [who(vip) for _ in range(5)] == ["b"] * 5
+
+    # a broken reload is logged with the key and the running config keeps serving
+    (tmp_path / "c.toml").write_text(
+        (tmp_path / "c.toml").read_text().replace("weight = 1\n", "weight = -4\n")
+    )
+    lb.wait_log("event=reload_rejected")
+    assert "backends.pool.servers.b.weight" in lb.logs()
+    assert who(vip) == "b"
+    doc = stats(sport)
+    assert doc["reload_failures"] >= 1 and "weight" in doc["last_reload_error"]
+
+    # back to equal weights; kill b -> taken out after `fall` checks; restart -> back after `rise`
+    write_config(cfg, {"a": (a.addr, 1), "b": (b.addr, 1)}, port, sport)
+    lb.wait_log("weight 0 -> 1")
+    b.stop()
+    lb.wait_log("event=server_down backend=pool server=b")
+    assert wait_for(
+        lambda: stats(sport)["backends"]["pool"]["servers"][b.addr] is False, 5, "b down in /stats"
+    )
+    assert {who(vip) for _ in range(6)} == {"a"}
+    b.start()
+    lb.wait_log("event=server_up backend=pool server=b")
+    assert Counter(who(vip) for _ in range(6)) == Counter({"a": 3, "b": 3})
+
+    # /stats, /metrics and / agree with what happened
+    doc = wait_for(
+        lambda: (d := stats(sport))["current_connections"] == 0 and d, 5, "connections to close in /stats"
+    )
+    assert doc["mode"] == "proxy"
+    assert doc["total_connections"] == 10 + 5 + 1 + 6 + 6 + _extra_probe_requests(doc)
+    pool = doc["backends"]["pool"]
+    assert pool["servers"] == {a.addr: True, b.addr: True}
+    assert pool["server_detail"]["a"]["total_connections"] == 10 + 6 + 3
+    assert doc["frontends"]["web"]["backend"] == "pool"
+    assert doc["bytes_rx"] > 0 and doc["bytes_tx"] > 0
+    metrics = stats(sport, "/metrics")
+    assert f'convey_server_up{{addr="{a.addr}",backend="pool",server="a"}} 1.0' in metrics
+    assert 'convey_frontend_total_connections_total{frontend="web"}' in metrics
+    page = stats(sport, "/")
+    assert "convey (proxy mode)" in page and a.addr in page
+
+    assert lb.stop() == 0
+    assert "event=stopped" in lb.logs()
+
+
+def _extra_probe_requests(doc: dict[str, object]) -> int:
+    # wait_for(who(vip) == "b") may have needed a few tries before the reload applied; count them from /stats.
+    detail = doc["backends"]["pool"]["server_detail"]  # type: ignore[index]
+    b_total = detail["b"]["total_connections"]
+    return int(b_total) - (5 + 1 + 3) - 1
+
+
+def test_reload_adds_and_removes_frontends(
+    tmp_path: Path, servers: Callable[..., HttpServer], convey_proc: Callable[..., Convey]
+) -> None:
+    a = servers("a")
+    port, port2, sport = free_port(), free_port(), free_port()
+    cfg = write_config(tmp_path / "c.toml", {"a": (a.addr, 1)}, port, sport)
+    lb = convey_proc(cfg)
+    wait_for(lambda: stats(sport), 10, "the stats service")
+    extra = f'[frontends.second]\nlisten_addr = "127.0.0.1:{port2}"\nbackend = "pool"\n'
+    write_config(cfg, {"a": (a.addr, 1)}, port, sport, extra_frontends=extra)
+    lb.wait_log("frontend second listening")
+    assert who(f"127.0.0.1:{port2}") == "a"
+    write_config(cfg, {"a": (a.addr, 1)}, port, sport)
+    lb.wait_log("frontend second stopped listening")
+    wait_for(lambda: _refused(port2), 5, "the removed frontend to stop accepting")
+    assert who(f"127.0.0.1:{port}") == "a"
+
+
+def _refused(port: int) -> bool:
+    try:
+        http_get(f"127.0.0.1:{port}", timeout=1)
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_no_healthy_server_refuses_and_counts(tmp_path: Path, convey_proc: Callable[..., Convey]) -> None:
+    port, sport, dead = free_port(), free_port(), free_port()
+    cfg = write_config(tmp_path / "c.toml", {"x": (f"127.0.0.1:{dead}", 1)}, port, sport)
+    lb = convey_proc(cfg)
+    lb.wait_log("event=server_down")
+    for _ in range(3):
+        try:
+            body = http_get(f"127.0.0.1:{port}", timeout=3)
+        except (ConnectionResetError, AssertionError):
+            body = ""
+        assert body == ""
+    doc = wait_for(lambda: (d := stats(sport))["refused"] == 3 and d, 5, "3 refused connections in /stats")
+    assert doc["current_connections"] == 0
+    assert doc["frontends"]["web"]["refused"] == 3
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "convey", *args], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+
+
+def test_bad_config_exits_non_zero_naming_the_key(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[frontends.f]\nlisten_addr = "127.0.0.1:1"\nbackend = "missing"\n')
+    for args in ([f"--config={bad}"], ["check", f"--config={bad}"], ["--passthrough", f"--config={bad}"]):
+        result = run_cli(*args)
+        assert result.returncode == 1, result
+        assert f"{bad}: frontends.f.backend: unknown backend 'missing'" in result.stderr
+        assert "Traceback" not in result.stderr
+    missing = run_cli(f"--config={tmp_path / 'nope.toml'}")
+    assert missing.returncode == 1 and "file not found" in missing.stderr
+
+
+def test_check_version_and_help() -> None:
+    ok = run_cli("check", "--config=samples/sample-proxy.toml")
+    assert (
+        ok.returncode == 0
+        and "OK (proxy mode)" in ok.stdout
+        and "server one: 127.0.0.1:9001 weight=3" in ok.stdout
+    )
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("convey ")
+    helptext = run_cli("--help")
+    assert helptext.returncode == 0 and "--passthrough" in helptext.stdout and "--dsr" in helptext.stdout
+
+
+def test_port_in_use_is_a_clear_startup_error(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = write_config(tmp_path / "c.toml", {"a": ("127.0.0.1:1", 1)}, port, free_port())
+        result = run_cli(f"--config={cfg}")
+    assert result.returncode == 2, result
+    assert "web" in result.stderr and f"127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_sighup_reloads(
+    tmp_path: Path, servers: Callable[..., HttpServer], convey_proc: Callable[..., Convey]
+) -> None:
+    a, b = servers("a"), servers("b")
+    port, sport = free_port(), free_port()
+    cfg = write_config(tmp_path / "c.toml", {"a": (a.addr, 1)}, port, sport)
+    lb = convey_proc(cfg, "--no-watch")
+    wait_for(lambda: stats(sport), 10, "the stats service")
+    write_config(cfg, {"b": (b.addr, 1)}, port, sport)
+    assert lb.proc is not None
+    lb.proc.send_signal(signal.SIGHUP)
+    lb.wait_log("event=reload reason=signal")
+    wait_for(lambda: who(f"127.0.0.1:{port}") == "b", 5, "b to serve after SIGHUP")

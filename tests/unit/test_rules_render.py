@@ -1,0 +1,245 @@
+"""The iptables rule sets rendered from configs (no root, nothing installed), and the sysctl helpers on a fake
+/proc/sys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from convey.config import ConfigError, load_config, parse_config
+from convey.dataplane import rules, sysctl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PASSTHROUGH = """
+[frontends.web]
+listen_addr = "198.18.0.1:80"
+backend = "web_servers"
+
+[frontends.api]
+listen_addr = "198.18.0.1:8443"
+backend = "api_servers"
+
+[backends.web_servers]
+  [backends.web_servers.servers.one]
+  addr = "198.18.1.2:8080"
+  [backends.web_servers.servers.two]
+  addr = "198.18.2.2:8080"
+
+[backends.api_servers]
+  [backends.api_servers.servers.one]
+  addr = "198.18.1.2:8080"     # the same server as web_servers.one: one return rule pair
+  [backends.api_servers.servers.three]
+  addr = "198.18.3.2:9000"
+
+[backends.unused]
+  [backends.unused.servers.x]
+  addr = "198.18.9.9:1"
+
+[passthrough]
+port_range = "40000-50000"
+queue_num = 7
+
+[dsr]
+queue_num = 3
+"""
+
+CT = "-j CT --notrack"
+Q7 = "-j NFQUEUE --queue-num 7 --queue-bypass"
+
+
+def chain_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(f"-A {rules.CHAIN} ")]
+
+
+def test_passthrough_render_holds_the_frontend_and_return_rules() -> None:
+    config = parse_config(PASSTHROUGH, "pt.toml")
+    text = rules.render(config, "passthrough")
+    web = '-d 198.18.0.1/32 -p tcp -m tcp --dport 80 -m comment --comment "convey frontend web"'
+    api = '-d 198.18.0.1/32 -p tcp -m tcp --dport 8443 -m comment --comment "convey frontend api"'
+    local = "-m addrtype --dst-type LOCAL"
+    one = f"-s 198.18.1.2/32 -p tcp -m tcp --sport 8080 --dport 40000:50000 {local}"
+    two = f"-s 198.18.2.2/32 -p tcp -m tcp --sport 8080 --dport 40000:50000 {local}"
+    three = f"-s 198.18.3.2/32 -p tcp -m tcp --sport 9000 --dport 40000:50000 {local}"
+    expected = [
+        f"{web} {CT}",
+        f"{web} {Q7}",
+        f"{api} {CT}",
+        f"{api} {Q7}",
+        f'{one} -m comment --comment "convey server web_servers/one" {CT}',
+        f'{one} -m comment --comment "convey server web_servers/one" {Q7}',
+        f'{two} -m comment --comment "convey server web_servers/two" {CT}',
+        f'{two} -m comment --comment "convey server web_servers/two" {Q7}',
+        f'{three} -m comment --comment "convey server api_servers/three" {CT}',
+        f'{three} -m comment --comment "convey server api_servers/three" {Q7}',
+    ]
+    assert chain_lines(text) == [f"-A {rules.CHAIN} {rule}" for rule in expected]
+    assert "198.18.9.9" not in text  # a backend no frontend uses gets no rules
+
+
+def test_render_touches_only_our_chain_and_one_jump() -> None:
+    text = rules.render(parse_config(PASSTHROUGH), "passthrough")
+    lines = text.splitlines()
+    assert lines[0] == "*raw"
+    assert lines[1] == f":{rules.CHAIN} - [0:0]"
+    assert lines[-1] == "COMMIT"
+    other = [line for line in lines[2:-1] if not line.startswith(f"-A {rules.CHAIN} ")]
+    assert other == [f"-I PREROUTING 1 -m comment --comment convey -j {rules.CHAIN}"]
+    assert text.endswith("COMMIT\n")
+
+
+def test_ct_notrack_comes_before_the_queue_for_every_match() -> None:
+    lines = chain_lines(rules.render(parse_config(PASSTHROUGH), "passthrough"))
+    for notrack, queue in zip(lines[::2], lines[1::2], strict=True):
+        assert notrack.endswith(CT)
+        assert queue.endswith(Q7)
+        assert notrack.removesuffix(CT) == queue.removesuffix(Q7)
+
+
+def test_source_addrs_restrict_the_return_path_per_address() -> None:
+    text = PASSTHROUGH.replace(
+        "queue_num = 7\n", 'queue_num = 7\nsource_addrs = ["198.18.1.1", "198.18.1.3"]\n', 1
+    )
+    lines = chain_lines(rules.render(parse_config(text), "passthrough"))
+    returns = [line for line in lines if "-s 198.18.1.2/32" in line]
+    assert len(returns) == 4  # (CT, NFQUEUE) x two source addresses
+    assert [line.split()[4:6] for line in returns] == [["-d", "198.18.1.1/32"]] * 2 + [
+        ["-d", "198.18.1.3/32"]
+    ] * 2
+    assert not any("addrtype" in line for line in returns)
+
+
+def test_dsr_render_queues_only_the_frontends() -> None:
+    lines = chain_lines(rules.render(parse_config(PASSTHROUGH), "dsr"))
+    assert len(lines) == 4
+    assert all("-s " not in line for line in lines)
+    assert all(line.endswith((CT, "-j NFQUEUE --queue-num 3 --queue-bypass")) for line in lines)
+
+
+@pytest.mark.parametrize("mode", rules.MODES)
+def test_a_vip_of_0000_is_rejected(mode: str) -> None:
+    text = PASSTHROUGH.replace('listen_addr = "198.18.0.1:8443"', 'listen_addr = "0.0.0.0:8443"')
+    config = parse_config(text, "any.toml")
+    with pytest.raises(ConfigError) as info:
+        rules.render(config, mode)
+    assert info.value.key == "frontends.api.listen_addr"
+    assert info.value.file == "any.toml"
+    assert "specific address" in str(info.value)
+    with pytest.raises(ConfigError):
+        rules.show(config, mode)
+
+
+def test_unknown_mode_is_rejected() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        rules.render(parse_config(PASSTHROUGH), "proxy")
+
+
+def test_comments_are_sanitised() -> None:
+    text = PASSTHROUGH.replace("[frontends.web]", '[frontends."we\\"b $(x)"]')
+    lines = chain_lines(rules.render(parse_config(text), "dsr"))
+    assert '--comment "convey frontend we_b __x_"' in lines[0]
+
+
+def test_server_marks_one_per_address() -> None:
+    config = parse_config(PASSTHROUGH + "fwmark_base = 0x200\nroute_table_base = 1000\n")
+    assert rules.server_marks(config) == {
+        ("web_servers", "one"): 0x200,
+        ("web_servers", "two"): 0x201,
+        ("api_servers", "one"): 0x200,  # same address as web_servers.one
+        ("api_servers", "three"): 0x202,
+        ("unused", "x"): 0x203,
+    }
+
+
+def test_route_tables_must_avoid_the_kernels() -> None:
+    config = parse_config(PASSTHROUGH + 'rewrite = "mac"\nroute_table_base = 252\n', "t.toml")
+    with pytest.raises(ConfigError) as info:
+        rules.server_marks(config)
+    assert info.value.key == "dsr.route_table_base"
+
+
+def test_show_is_restore_input_with_the_extra_settings_as_comments() -> None:
+    config = parse_config(PASSTHROUGH + 'rewrite = "mac"\n', "x.toml")
+    text = rules.show(config, "dsr")
+    body = [line for line in text.splitlines() if not line.startswith("#")]
+    assert "\n".join(body) + "\n" == rules.render(config, "dsr")
+    assert "net.ipv4.conf.all.send_redirects = 0" in text
+    assert "ip rule add pref 100 fwmark 0x101 lookup 101" in text
+    assert "ip route add default via 198.18.3.2 table 102" in text
+    passthrough = rules.show(config, "passthrough")
+    assert "net.ipv4.ip_local_reserved_ports = (existing list)+40000-50000" in passthrough
+    assert "ip rule" not in passthrough
+
+
+@pytest.mark.parametrize("mode", rules.MODES)
+def test_the_checked_in_rule_files_match_the_samples(mode: str) -> None:
+    config = load_config(ROOT / "samples" / f"sample-{mode}.toml")
+    checked_in = (ROOT / "iptables" / f"{mode}.rules").read_text()
+    assert chain_lines(checked_in) == chain_lines(rules.render(config, mode)), "regenerate: convey rules show"
+    assert chain_lines(checked_in)
+
+
+@pytest.mark.parametrize(
+    ("value", "lo", "hi", "covered", "merged"),
+    [
+        ("", 40000, 50000, False, "40000-50000"),
+        ("40000-50000", 40000, 50000, True, "40000-50000"),
+        ("8080,39000-45000", 40000, 50000, False, "8080,39000-45000,40000-50000"),
+        ("39000-45000,45001-60000", 40000, 50000, True, "39000-45000,45001-60000"),
+        ("40000-49999", 40000, 50000, False, "40000-49999,40000-50000"),
+        ("40000", 40000, 40000, True, "40000"),
+    ],
+)
+def test_reserved_ports(value: str, lo: int, hi: int, covered: bool, merged: str) -> None:
+    assert rules._covers(value, lo, hi) is covered
+    assert rules._with_reserved(value, lo, hi) == merged
+
+
+# -- sysctl on a fake /proc/sys ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def proc_sys(tmp_path: Path) -> Path:
+    for key, value in {
+        "net/ipv4/ip_forward": "0\n",
+        "net/ipv4/ip_local_port_range": "32768\t60999\n",
+        "net/ipv4/conf/eth0.100/accept_local": "0\n",
+    }.items():
+        path = tmp_path / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(value)
+    return tmp_path
+
+
+def test_sysctl_write_reports_changes(proc_sys: Path) -> None:
+    assert sysctl.read("net.ipv4.ip_local_port_range", proc_sys) == "32768 60999"
+    change = sysctl.write("net.ipv4.ip_forward", 1, proc_sys)
+    assert change == sysctl.Change("net.ipv4.ip_forward", "0", "1")
+    assert str(change) == "sysctl net.ipv4.ip_forward: 0 -> 1"
+    assert sysctl.write("net.ipv4.ip_forward", "1", proc_sys) is None
+    assert (proc_sys / "net/ipv4/ip_forward").read_text() == "1\n"
+
+
+def test_sysctl_keys_with_dotted_interfaces(proc_sys: Path) -> None:
+    key = sysctl.conf_key("eth0.100", "accept_local")
+    assert key == "net/ipv4/conf/eth0.100/accept_local"
+    assert sysctl.conf_key("eth0", "accept_local") == "net.ipv4.conf.eth0.accept_local"
+    assert sysctl.apply({key: 1}, proc_sys) == [sysctl.Change(key, "0", "1")]
+
+
+def test_sysctl_restore_leaves_values_changed_since(proc_sys: Path) -> None:
+    changes = sysctl.apply({"net.ipv4.ip_forward": 1, "net/ipv4/conf/eth0.100/accept_local": 1}, proc_sys)
+    sysctl.write("net.ipv4.ip_forward", 0, proc_sys)  # someone else, later
+    sysctl.write("net.ipv4.ip_forward", 2, proc_sys)
+    undone = sysctl.restore(changes, proc_sys)
+    assert undone == [sysctl.Change("net/ipv4/conf/eth0.100/accept_local", "1", "0")]
+    assert sysctl.read("net.ipv4.ip_forward", proc_sys) == "2"
+    assert sysctl.restore(changes, proc_sys, force=True) == [sysctl.Change("net.ipv4.ip_forward", "2", "0")]
+
+
+def test_sysctl_errors_name_the_key(proc_sys: Path) -> None:
+    with pytest.raises(sysctl.SysctlError, match=r"net\.ipv4\.nope"):
+        sysctl.read("net.ipv4.nope", proc_sys)
+    with pytest.raises(sysctl.SysctlError):
+        sysctl.path_of("net/../../etc/passwd", proc_sys)
