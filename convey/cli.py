@@ -82,6 +82,8 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    for noisy in ("pyroute2", "asyncio"):  # their DEBUG lines are about their own internals
+        logging.getLogger(noisy).setLevel(max(logging.INFO, getattr(logging, level)))
 
 
 def _load(path: str) -> Config | None:

@@ -65,6 +65,7 @@ class PacketPlane:
         self.backend_of: dict[str, str] = {}
         self.marks: dict[str, int] = {}
         self._addr_cache: dict[Address, bytes] = {}
+        self._sources: dict[bytes, bytes] = {}  # server addr -> our source addr towards it
         self._open: dict[Flow, _Open] = {}
         self._installed = False
         self._queue: QueueBinding | None = None
@@ -97,23 +98,50 @@ class PacketPlane:
                 + f"\n(or: make install-rules CONFIG={config.path} MODE={self.mode}), or start convey with "
                 "--install-rules to install them now and remove them at exit."
             )
-        for line in rules.install(config, self.mode):
+        try:
+            lines = rules.install(config, self.mode)
+        except (OSError, RuntimeError, rules.RulesError) as exc:
+            raise StartupError(f"installing the {self.mode} rules failed: {exc}") from None
+        for line in lines:
             log.info("event=rules_installed change=%r", line)
         if at_start:
             self._installed = True
 
-    def _source_for(self, server_addr: bytes) -> bytes:
-        """The source address the kernel picks for the route to ``server_addr``."""
+    @staticmethod
+    def _lookup_sources(addrs: list[bytes]) -> dict[bytes, bytes]:
+        """The source address the kernel picks for the route to each server. Runs in a worker thread: pyroute2's
+        synchronous API drives an event loop of its own and cannot run inside ours."""
         from pyroute2 import IPRoute
 
-        dst = socket.inet_ntoa(server_addr)
+        found: dict[bytes, bytes] = {}
         with IPRoute() as ipr:
-            routes = ipr.route("get", dst=dst)
-        for route in routes:
-            src = route.get_attr("RTA_PREFSRC")
-            if src:
-                return _addr(src)
-        raise StartupError(f"no route with a source address towards server {dst}")
+            for server_addr in addrs:
+                dst = socket.inet_ntoa(server_addr)
+                try:
+                    routes = ipr.route("get", dst=dst)
+                except Exception as exc:
+                    raise StartupError(f"no route towards server {dst}: {exc}") from None
+                src = next((r.get_attr("RTA_PREFSRC") for r in routes if r.get_attr("RTA_PREFSRC")), None)
+                if src is None:
+                    raise StartupError(f"no route with a source address towards server {dst}")
+                found[server_addr] = _addr(src)
+        return found
+
+    async def _learn_sources(self, config: Config) -> None:
+        wanted = [
+            self._server_addr(s.addr)
+            for b in config.backends.values()
+            for s in b.servers
+            if self._server_addr(s.addr) not in self._sources
+        ]
+        if wanted:
+            self._sources.update(await asyncio.to_thread(self._lookup_sources, wanted))
+
+    def _source_for(self, server_addr: bytes) -> bytes:
+        src = self._sources.get(server_addr)
+        if src is None:  # not learnt (cannot happen for configured servers): any address we know of
+            src = next(iter(self._sources.values()))
+        return src
 
     def _server_addr(self, addr: Address) -> bytes:
         b = self._addr_cache.get(addr)
@@ -152,7 +180,7 @@ class PacketPlane:
         return (f"{pool.name}/{server.name}", self._server_addr(server.addr), server.addr.port)
 
     async def start(self, config: Config) -> None:
-        self._ensure_rules(config, at_start=True)
+        await asyncio.to_thread(self._ensure_rules, config, True)
         try:
             await self._start(config)
         except BaseException:
@@ -174,6 +202,7 @@ class PacketPlane:
                     lo, hi, tuple(_addr(a) for a in pt.source_addrs), pt.port_reuse_delay
                 )
             else:
+                await self._learn_sources(config)
                 self.ports = RoutedPorts(lo, hi, pt.port_reuse_delay, self._source_for)
             self.flows = FlowTable(
                 pt.connection_tracker_capacity, pt.syn_timeout, pt.idle_timeout, pt.fin_linger
@@ -231,11 +260,16 @@ class PacketPlane:
     async def apply(self, config: Config) -> list[str]:
         changes: list[str] = []
         old = self.config
+        if isinstance(self.ports, RoutedPorts):
+            try:
+                await self._learn_sources(config)
+            except StartupError as exc:
+                log.error("event=route_lookup_failed error=%r", str(exc))
         self._load(config)
         if old is not None and (old.frontends != config.frontends or old.backends != config.backends):
             try:
-                if self._rules_problems(config):
-                    self._ensure_rules(config, at_start=False)
+                if await asyncio.to_thread(self._rules_problems, config):
+                    await asyncio.to_thread(self._ensure_rules, config, False)
                     changes.append("iptables rules updated for the new config")
             except Exception as exc:  # keep serving with the old rules; the error is visible in the log
                 log.error("event=rules_update_failed error=%r", str(exc))
@@ -258,9 +292,11 @@ class PacketPlane:
         if self._installed and self.config is not None:
             from convey.dataplane import rules
 
-            with contextlib.suppress(Exception):
-                for line in rules.remove(self.config):
+            try:
+                for line in await asyncio.to_thread(rules.remove, self.config):
                     log.info("event=rules_removed change=%r", line)
+            except Exception as exc:
+                log.error("event=rules_remove_failed error=%r", str(exc))
             self._installed = False
 
     # -- per packet -------------------------------------------------------------------------------------------
