@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -177,13 +178,17 @@ def run(argv: Sequence[str]) -> int:
 
 
 def _run_engine(engine: Engine) -> None:
-    """Run on uvloop when it is installed (measured faster for the proxy relay), else on asyncio's loop."""
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(engine.run())
-    else:
-        uvloop.run(engine.run())
+    """Run on uvloop when it is installed (measured faster for the proxy relay), else on asyncio's loop.
+    CONVEY_LOOP=asyncio forces the standard library's loop (for debugging or comparison)."""
+    if os.environ.get("CONVEY_LOOP", "").lower() != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            uvloop.run(engine.run())
+            return
+    asyncio.run(engine.run())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
