@@ -101,6 +101,9 @@ def snapshot(
         "mode": stats.mode,
         "uptime_seconds": round(now - stats.started, 3),
         **stats.total.as_dict(),
+        # The original convey's names for the totals.
+        "total_bytes_tx": stats.total.bytes_tx,
+        "total_bytes_rx": stats.total.bytes_rx,
         "reloads": stats.reloads,
         "reload_failures": stats.reload_failures,
         "last_reload_error": stats.last_reload_error,
