@@ -97,6 +97,9 @@ def snapshot(
     stats: Stats, pools: Mapping[str, Pool], frontends: Mapping[str, str], now: float
 ) -> dict[str, Any]:
     """The /stats document. ``frontends`` maps frontend name -> backend name (the live config)."""
+    # Sections first: a provider may bring counters up to date (the packet plane folds open flows' bytes
+    # into them), and the counters below must show that.
+    sections = {section: provider() for section, provider in stats.sections.items()}
     doc: dict[str, Any] = {
         "mode": stats.mode,
         "uptime_seconds": round(now - stats.started, 3),
@@ -135,6 +138,5 @@ def snapshot(
             "servers": servers_up,
             "server_detail": detail,
         }
-    for section, provider in stats.sections.items():
-        doc[section] = provider()
+    doc.update(sections)
     return doc

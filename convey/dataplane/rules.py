@@ -2,11 +2,11 @@
 
 All iptables rules live in one chain of the ``raw`` table, :data:`CHAIN`, jumped to from ``PREROUTING`` by
 exactly one rule carrying the comment ``convey``. For each frontend the chain holds ``-j CT --notrack`` (keep
-conntrack out of the path) and then ``-j NFQUEUE --queue-num Q --queue-bypass`` (hand the packet to convey, or
-let it through when convey is not running); in passthrough mode the same pair also catches the servers'
-replies to the ephemeral port range. Rules are loaded atomically with ``iptables-restore --noflush`` and read
-back with ``iptables-save``; an nft dump is never used (iptables-nft rules cannot be loaded back from one).
-See ``iptables/README.md`` for the why.
+conntrack out of the path) and then ``-j NFQUEUE --queue-num Q`` (hand the packet to convey; passthrough adds
+``--queue-bypass`` to let it through when convey is not running, DSR drops it then); in passthrough mode the
+same pair also catches the servers' replies to the ephemeral port range. Rules are loaded atomically with
+``iptables-restore --noflush`` and read back with ``iptables-save``; an nft dump is never used (iptables-nft
+rules cannot be loaded back from one). See ``iptables/README.md`` for the why.
 
 Everything :func:`install` changes besides the iptables chain (sysctls, ip rules, routes) is recorded with its
 old value in a small JSON state file, ``/run/convey/<netns name or "host">.json``, and :func:`remove` puts
@@ -97,7 +97,11 @@ def chain_rules(config: Config, mode: str) -> list[str]:
     Raises ConfigError for a frontend listening on 0.0.0.0: a packet mode needs the VIP as a specific address.
     """
     _check_mode(mode)
-    queue = f"-j NFQUEUE --queue-num {_queue_num(config, mode)} --queue-bypass"
+    # DSR queues without --queue-bypass: while no convey is bound (a restart), packets of established flows
+    # must be dropped (TCP retransmits them) rather than accepted, since the balancer's own stack would answer
+    # them with a RST (the VIP is local) and end connections a restarted convey would otherwise keep.
+    bypass = " --queue-bypass" if mode == "passthrough" else ""
+    queue = f"-j NFQUEUE --queue-num {_queue_num(config, mode)}{bypass}"
     rules: list[str] = []
 
     def pair(match: str, comment: str) -> None:

@@ -103,6 +103,8 @@ def test_weights_reload_health_stats_end_to_end(
     assert doc["frontends"]["web"]["total_connections"] == sum(answers.values())
     assert doc["frontends"]["web"]["backend"] == "pool"
     assert doc["bytes_rx"] > 0 and doc["bytes_tx"] > 0
+    assert (doc["total_bytes_rx"], doc["total_bytes_tx"]) == (doc["bytes_rx"], doc["bytes_tx"])
+    assert doc["total_bytes_rx"] == pool["bytes_rx"] and doc["total_bytes_tx"] == pool["bytes_tx"]
     metrics = stats(sport, "/metrics")
     assert f'convey_server_up{{addr="{a.addr}",backend="pool",server="a"}} 1.0' in metrics
     assert 'convey_frontend_total_connections_total{frontend="web"}' in metrics
