@@ -7,8 +7,10 @@ chunk is copied only when the kernel cannot take it at once).
 
 Per connection:
 
-* accepted: ``opened`` on (total, frontend, backend); the client's reading is paused until a server is connected, so
-  early client bytes wait in the kernel and are delivered after the connect (nothing is buffered here).
+* accepted: ``opened`` on (total, frontend, backend). Until a server is connected, early client bytes wait in the
+  kernel (asyncio's loop: reading is paused) or, with uvloop, which starts reading after ``connection_made`` whatever
+  the protocol asked, are held here up to ``EARLY_LIMIT`` bytes before reading pauses; either way they are delivered,
+  in order, once connected. The same holds for a server that speaks first.
 * ``pools[config.backend].candidates(...)`` gives up to ``max_attempts`` servers; none -> ``refused`` is counted and
   the client is reset (RST: SO_LINGER 0 then abort, so it learns at once that nobody will answer, and no TIME_WAIT is
   left here). Each candidate gets ``connect_timeout`` seconds; a failure counts ``failed`` on that server's scope and
@@ -28,16 +30,18 @@ connected ones alike (tests check it), so it is not set again here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import socket
 import struct
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from convey.balancing.pool import Pool, Server
 from convey.balancing.schedulers import flow_hash
 from convey.config import FrontendConfig
-from convey.stats import Counters, Stats, closed, failed, opened, refused
+from convey.stats import Counters, Stats, failed, opened, refused
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,8 @@ _LINGER_RST = struct.pack("ii", 1, 0)
 # direction for a slow reader; larger marks mean fewer pause/resume round trips on bulk transfers.
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
+# Bytes one side may send before its connection is linked to the other (uvloop reads at once) before reading pauses.
+EARLY_LIMIT = 64 * 1024
 
 
 def _ipv4_int(host: str) -> int:
@@ -67,10 +73,8 @@ def _reset(transport: asyncio.Transport) -> None:
     """Close a client connection with RST (SO_LINGER 0), dropping anything unsent."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-        except OSError:
-            pass
     transport.abort()
 
 
@@ -114,7 +118,7 @@ class ProxyFrontend:
         addr = self.config.listen_addr
         try:
             self._server = await loop.create_server(
-                self._new_client, addr.host, addr.port, reuse_address=True, backlog=1024
+                functools.partial(_Client, self), addr.host, addr.port, reuse_address=True, backlog=1024
             )
         except OSError as exc:
             raise OSError(
@@ -127,7 +131,7 @@ class ProxyFrontend:
     @property
     def sockets(self) -> tuple[Any, ...]:
         """The listening sockets (empty when not listening); tests use them to learn an ephemeral port."""
-        return tuple(self._server.sockets) if self._server is not None else ()
+        return tuple(cast(asyncio.Server, self._server).sockets) if self._server is not None else ()
 
     async def stop_listening(self) -> None:
         """Stop accepting new connections; connections in flight continue."""
@@ -146,10 +150,8 @@ class ProxyFrontend:
         if self._conns:
             loop = asyncio.get_running_loop()
             self._drained = loop.create_future()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(self._drained), timeout)
-            except TimeoutError:
-                pass
         if self._conns:
             log.info("frontend=%s event=aborting connections=%d", self.config.name, len(self._conns))
             for conn in list(self._conns):
@@ -167,9 +169,6 @@ class ProxyFrontend:
         return len(self._conns)
 
     # -- per connection -----------------------------------------------------------------------------------------
-
-    def _new_client(self) -> _Client:
-        return _Client(self)
 
     def _refresh(self) -> FrontendConfig:
         config = self.config
@@ -195,32 +194,54 @@ class ProxyFrontend:
 class _Client(asyncio.Protocol):
     """The client side of one proxied connection; owns the connection's state and accounting."""
 
-    __slots__ = ("_done", "_eof", "_fe", "_lost", "_pool", "_scopes", "_server", "_task", "_up", "transport")
+    __slots__ = (
+        "_done",
+        "_eof",
+        "_fe",
+        "_full",
+        "_lost",
+        "_peer",
+        "_pending",
+        "_pool",
+        "_scopes",
+        "_server",
+        "_task",
+        "_timed_out",
+        "_up",
+        "transport",
+    )
 
     transport: asyncio.Transport
 
     def __init__(self, frontend: ProxyFrontend) -> None:
         self._fe = frontend
+        self._peer: asyncio.Transport | None = None  # the server's transport, once linked
         self._up: _Upstream | None = None
+        self._pending: list[bytes] | None = None  # what the client sent before the link
         self._pool: Pool | None = None
         self._server: Server | None = None
         self._task: asyncio.Task[None] | None = None
+        self._timed_out = False  # the connect attempt in progress was cancelled by its timer
         self._scopes: tuple[Counters, ...] = ()
         self._eof = False  # the client has sent EOF
+        self._full = False  # the client transport's write buffer is above its high-water mark
         self._lost = False  # the client transport is gone
         self._done = False  # accounting done
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    # The loops give a TCP transport (uvloop's is no asyncio.Transport subclass but has the same methods).
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
-        # Early client bytes stay in the kernel until a server is connected.
+        # Early client bytes should wait in the kernel until a server is connected. asyncio's loop honours this;
+        # uvloop starts reading after connection_made anyway, so data_received also buffers one chunk and pauses.
         transport.pause_reading()
         fe = self._fe
         config = fe.config
         if config is not fe._scopes_config:
             config = fe._refresh()
         scopes = self._scopes = fe._scopes
-        opened(scopes)
+        for c in scopes:  # stats.opened, inlined
+            c.total_connections += 1
+            c.current_connections += 1
         fe._conns.add(self)
         pool = fe.pools.get(config.backend)
         candidates: list[Server] = []
@@ -247,92 +268,156 @@ class _Client(asyncio.Protocol):
         loop = fe._loop
         assert loop is not None
         timeout = fe.connect_timeout
+        error: BaseException
         for server in candidates:
             up = _Upstream(self)
             addr = server.addr
+            # A plain timer rather than asyncio.timeout(): measurably cheaper per connection.
+            timer = loop.call_later(timeout, self._connect_timed_out)
             try:
-                async with asyncio.timeout(timeout):
-                    transport, _ = await loop.create_connection(lambda: up, addr.host, addr.port)
+                transport, _ = await loop.create_connection(up, addr.host, addr.port)
             except asyncio.CancelledError:
-                raise  # the client went away, or the frontend is closing
-            except Exception as exc:  # OSError, TimeoutError, or anything odd from the loop: try the next one
-                failed((fe.stats.server(backend, server.name),))
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug(
-                        "frontend=%s event=connect_failed backend=%s server=%s addr=%s error=%r",
-                        fe.config.name,
-                        backend,
-                        server.name,
-                        addr,
-                        exc,
-                    )
-                continue
-            assert isinstance(transport, asyncio.Transport)
-            if self._lost or transport.is_closing():
-                transport.close()
+                if not self._timed_out:
+                    raise  # the client went away, or the frontend is closing
+                self._timed_out = False
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                if self._lost:
+                    return
+                error = TimeoutError(f"no connection after {timeout:g}s")
+            except Exception as exc:  # OSError, or anything odd from the loop: try the next one
+                error = exc
+            else:
+                timer.cancel()
+                self._task = None
+                if self._lost:
+                    transport.close()
+                    return
+                self._link(up, transport, server, backend)
                 return
-            self._link(up, transport, server, backend)
-            return
+            timer.cancel()
+            failed((fe.stats.server(backend, server.name),))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "frontend=%s event=connect_failed backend=%s server=%s addr=%s error=%r",
+                    fe.config.name,
+                    backend,
+                    server.name,
+                    addr,
+                    error,
+                )
+        self._task = None
         failed(self._scopes)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("frontend=%s event=all_failed backend=%s", fe.config.name, backend)
         if not self._lost:
             _reset(self.transport)
 
+    def _connect_timed_out(self) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            self._timed_out = True
+            task.cancel()
+
     def _link(self, up: _Upstream, transport: asyncio.Transport, server: Server, backend: str) -> None:
+        """The server accepted: account for it, pass on what either side sent meanwhile, start relaying."""
         assert self._pool is not None
         self._pool.acquire(server)
         self._server = server
         server_scope = self._fe.stats.server(backend, server.name)
         opened((server_scope,))
-        self._scopes = up._scopes = (*self._scopes, server_scope)
+        scopes = self._scopes = up._scopes = (*self._scopes, server_scope)
         self._up = up
         up._linked = True
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        transport.resume_reading()
-        self.transport.resume_reading()
-        self._task = None
+        client = self.transport
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "frontend=%s event=connected backend=%s server=%s client=%s",
                 self._fe.config.name,
                 backend,
                 server.name,
-                self.transport.get_extra_info("peername"),
+                client.get_extra_info("peername"),
             )
+        client.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        # server -> client first: the server may already have answered, or even gone away (uvloop reads at once).
+        up._peer = client
+        if up._pending is not None:
+            for data in up._pending:
+                client.write(data)
+                for c in scopes:
+                    c.bytes_tx += len(data)
+            up._pending = None
+        if up._lost:
+            client.close()  # what the server sent is flushed first
+            return
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self._peer = transport
+        if self._pending is not None:
+            for data in self._pending:
+                transport.write(data)
+                for c in scopes:
+                    c.bytes_rx += len(data)
+            self._pending = None
+        if self._eof and up._eof:
+            self._close_both()
+            return
+        # Resume reading each side unless it has ended, or the flush above filled the other side's buffer (then
+        # resume_writing resumes it once drained).
+        if self._eof:
+            transport.write_eof()
+        elif not up._full:
+            client.resume_reading()
+        if up._eof:
+            client.write_eof()
+        elif not self._full:
+            transport.resume_reading()
 
     # -- client -> server -----------------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        # Reading is only resumed once linked, so _up is set here.
-        self._up.transport.write(data)  # type: ignore[union-attr]
+        peer = self._peer
+        if peer is None:
+            # Before the link (uvloop only: asyncio's loop honours the pause in connection_made). Keep small
+            # requests without touching the reader; past EARLY_LIMIT bytes, stop reading until the link.
+            pending = self._pending
+            if pending is None:
+                pending = self._pending = [data]
+            else:
+                pending.append(data)
+            if sum(map(len, pending)) > EARLY_LIMIT:
+                self.transport.pause_reading()
+            return
+        peer.write(data)
         n = len(data)
         for c in self._scopes:
             c.bytes_rx += n
 
     def eof_received(self) -> bool:
         self._eof = True
-        up = self._up
-        if up is not None and not up._lost:
-            if up._eof:
-                self._close_both(up)
+        peer = self._peer
+        if peer is not None:
+            if self._up is not None and self._up._eof:
+                self._close_both()
             else:
-                up.transport.write_eof()
+                peer.write_eof()
         return True  # keep the client transport open: the server may still answer
 
-    def _close_both(self, up: _Upstream) -> None:
+    def _close_both(self) -> None:
         self.transport.close()
-        up.transport.close()
+        if self._peer is not None:
+            self._peer.close()
 
     # -- flow control: the client is slow to read what the server sends -------------------------------------------
 
     def pause_writing(self) -> None:
+        self._full = True
         up = self._up
         if up is not None and not up._lost and not up._eof:
             up.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._full = False
         up = self._up
         if up is not None and not up._lost and not up._eof:
             up.transport.resume_reading()
@@ -369,7 +454,8 @@ class _Client(asyncio.Protocol):
         if self._done:
             return
         self._done = True
-        closed(self._scopes)
+        for c in self._scopes:  # stats.closed, inlined
+            c.current_connections -= 1
         server = self._server
         if server is not None:
             assert self._pool is not None
@@ -380,45 +466,62 @@ class _Client(asyncio.Protocol):
 class _Upstream(asyncio.Protocol):
     """The server side of one proxied connection."""
 
-    __slots__ = ("_client", "_eof", "_linked", "_lost", "_scopes", "transport")
+    __slots__ = ("_client", "_eof", "_full", "_linked", "_lost", "_peer", "_pending", "_scopes", "transport")
 
     transport: asyncio.Transport
 
     def __init__(self, client: _Client) -> None:
         self._client = client
+        self._peer: asyncio.Transport | None = None  # the client's transport, once linked
+        self._pending: list[bytes] | None = None  # what the server sent before the link
         self._scopes: tuple[Counters, ...] = ()
         self._eof = False  # the server has sent EOF
+        self._full = False  # the server transport's write buffer is above its high-water mark
         self._lost = False
         self._linked = False  # the connect attempt succeeded and the client is relayed to this server
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def __call__(self) -> _Upstream:
+        # The protocol factory for create_connection: this very instance, already tied to its client.
+        return self
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
-        # Nothing is read until the connection is linked to its client (see _Client._link).
-        transport.pause_reading()
+        transport.pause_reading()  # until linked (see _Client.connection_made about uvloop)
 
     def data_received(self, data: bytes) -> None:
-        self._client.transport.write(data)
+        peer = self._peer
+        if peer is None:  # before the link, as in _Client.data_received
+            pending = self._pending
+            if pending is None:
+                pending = self._pending = [data]
+            else:
+                pending.append(data)
+            if sum(map(len, pending)) > EARLY_LIMIT:
+                self.transport.pause_reading()
+            return
+        peer.write(data)
         n = len(data)
         for c in self._scopes:
             c.bytes_tx += n
 
     def eof_received(self) -> bool:
         self._eof = True
-        client = self._client
-        if not client._lost:
-            if client._eof:
-                client._close_both(self)
+        peer = self._peer
+        if peer is not None and not self._client._lost:
+            if self._client._eof:
+                self._client._close_both()
             else:
-                client.transport.write_eof()
+                peer.write_eof()
         return True  # keep the server transport open: the client may still send
 
     def pause_writing(self) -> None:
+        self._full = True
         client = self._client
         if not client._lost and not client._eof:
             client.transport.pause_reading()
 
     def resume_writing(self) -> None:
+        self._full = False
         client = self._client
         if not client._lost and not client._eof:
             client.transport.resume_reading()
@@ -426,7 +529,7 @@ class _Upstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         if not self._linked:
-            return  # an abandoned connect attempt
+            return  # not linked yet (see _Client._link) or an abandoned connect attempt
         client = self._client
         if client._lost:
             client._finish()

@@ -17,6 +17,8 @@ T = TypeVar("T")
 
 LOOPS = ["asyncio"] + (["uvloop"] if importlib.util.find_spec("uvloop") else [])
 
+TEST_TIMEOUT = 25.0
+
 Runner = Callable[[Coroutine[Any, Any, T]], T]
 
 
@@ -33,7 +35,9 @@ def run(request: pytest.FixtureRequest) -> Runner[Any]:
 
         async def guarded() -> T:
             asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
-            return await coro
+            # A hung test fails here (pytest-timeout's signal cannot interrupt uvloop waiting in epoll).
+            async with asyncio.timeout(TEST_TIMEOUT):
+                return await coro
 
         with asyncio.Runner(loop_factory=factory) as r:
             result = r.run(guarded())

@@ -224,8 +224,7 @@ def test_half_close_server_side_client_keeps_sending(run: Any) -> None:
         writer.write(b"hello")
         writer.write_eof()
         data = await reader.read(-1)
-        count_writer_closed = hashlib.sha256(data).hexdigest()
-        received.append(count_writer_closed)
+        received.append(hashlib.sha256(data).hexdigest())
         writer.close()
 
     received: list[str] = []
@@ -361,15 +360,26 @@ def test_connect_timeout_counts_failed(run: Any) -> None:
                 f.connect_ex(stuck.getsockname())
                 fillers.append(f)
             await asyncio.sleep(0.05)
-            async with backend(echo) as live, proxy(
-                [("stuck", stuck.getsockname()[1], 1), ("live", live, 1)], connect_timeout=0.3
-            ) as p:
+            async with (
+                backend(echo) as live,
+                proxy([("stuck", stuck.getsockname()[1], 1), ("live", live, 1)], connect_timeout=0.3) as p,
+            ):
                 started = time.monotonic()
                 reader, writer = await p.connect()
-                writer.write(b"late")
+                # Sent at once, while the proxy waits for the stuck server: more than the proxy holds before a
+                # link (relay.EARLY_LIMIT), so it must stop reading, then pass everything on in order.
+                early = random.Random(3).randbytes(2 * MB)
+                writer.write(early)
                 writer.write_eof()
-                assert await asyncio.wait_for(reader.read(-1), 5) == b"late"
+                held = 0
+                while time.monotonic() - started < 0.2:  # the connect attempt is still pending (0.3 s)
+                    for conn in list(p.fe._conns):
+                        held = max(held, sum(map(len, conn._pending or ())))
+                    await asyncio.sleep(0.01)
+                assert held <= relay.EARLY_LIMIT + 256 * 1024, f"held {held} bytes before the link"
+                answer = await asyncio.wait_for(reader.read(-1), 5)
                 writer.close()
+                assert len(answer) == len(early) and answer == early
                 assert 0.25 < time.monotonic() - started < 3
                 assert p.server("stuck").failed == 1
         finally:
@@ -419,23 +429,39 @@ def test_pool_swap_applies_to_next_connection(run: Any) -> None:
         return handler
 
     async def main() -> None:
-        async with backend(await tagged(b"one")) as b1, backend(await tagged(b"two")) as b2:
-            async with proxy([("one", b1, 1)]) as p:
-                reader, writer = await p.connect()
-                assert await asyncio.wait_for(reader.read(-1), 5) == b"one"
-                writer.close()
-                new = parse_config(make_config([("two", b2, 1)]), "reloaded.toml")
-                p.pools["app"] = Pool(new.backends["app"], "proxy")
-                reader, writer = await p.connect()
-                assert await asyncio.wait_for(reader.read(-1), 5) == b"two"
-                writer.close()
+        async with (
+            backend(await tagged(b"one")) as b1,
+            backend(await tagged(b"two")) as b2,
+            proxy([("one", b1, 1)]) as p,
+        ):
+            reader, writer = await p.connect()
+            assert await asyncio.wait_for(reader.read(-1), 5) == b"one"
+            writer.close()
+            new = parse_config(make_config([("two", b2, 1)]), "reloaded.toml")
+            p.pools["app"] = Pool(new.backends["app"], "proxy")
+            reader, writer = await p.connect()
+            assert await asyncio.wait_for(reader.read(-1), 5) == b"two"
+            writer.close()
+            # A reload that points the frontend at another backend applies to the next connection too.
+            p.pools["other"] = Pool(parse_config(make_config([("one", b1, 1)])).backends["app"], "proxy")
+            p.fe.config = dataclasses.replace(p.fe.config, backend="other")
+            reader, writer = await p.connect()
+            assert await asyncio.wait_for(reader.read(-1), 5) == b"one"
+            writer.close()
+            await eventually(lambda: p.fe.active == 0, what="close")
+            assert p.stats.backend("other").total_connections == 1
+            assert p.stats.server("other", "one").total_connections == 1
 
     run(main())
 
 
 def test_maglev_uses_flow_hash(run: Any) -> None:
     async def main() -> None:
-        async with backend(echo) as b1, backend(echo) as b2, proxy([("a", b1, 1), ("b", b2, 1)], "maglev") as p:
+        async with (
+            backend(echo) as b1,
+            backend(echo) as b2,
+            proxy([("a", b1, 1), ("b", b2, 1)], "maglev") as p,
+        ):
             for _ in range(6):
                 reader, writer = await p.connect()
                 writer.write_eof()
