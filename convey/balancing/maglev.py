@@ -84,20 +84,25 @@ def weighted_turns(weights: Sequence[int], count: int) -> list[int]:
     return order * repeats + order[:rest]
 
 
+def eligible_servers(servers: Sequence[tuple[ServerId, int]]) -> list[tuple[ServerId, int]]:
+    """The servers of positive weight, in the given order; rejects negative weights and duplicate ids."""
+    seen: set[ServerId] = set()
+    for server, weight in servers:
+        if weight < 0:
+            raise ValueError(f"negative weight {weight} for server {server!r}")
+        if server in seen:
+            raise ValueError(f"duplicate server {server!r}")
+        seen.add(server)
+    return [(server, weight) for server, weight in servers if weight > 0]
+
+
 class Maglev:
     """A Maglev lookup table over weighted servers; ``pick`` maps a flow hash to a server."""
 
     def __init__(self, servers: Sequence[tuple[ServerId, int]], table_size: int = DEFAULT_TABLE_SIZE) -> None:
         if not is_prime(table_size):
             raise ValueError(f"maglev table size must be prime, got {table_size}")
-        seen: set[ServerId] = set()
-        for server, weight in servers:
-            if weight < 0:
-                raise ValueError(f"negative weight {weight} for server {server!r}")
-            if server in seen:
-                raise ValueError(f"duplicate server {server!r}")
-            seen.add(server)
-        eligible = sorted((server, weight) for server, weight in servers if weight > 0)
+        eligible = sorted(eligible_servers(servers))
         if table_size < len(eligible):
             raise ValueError(f"maglev table size {table_size} is smaller than the {len(eligible)} servers")
         self._size = table_size

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from convey.balancing.maglev import DEFAULT_TABLE_SIZE, Maglev, ServerId
+from convey.balancing.maglev import DEFAULT_TABLE_SIZE, Maglev, ServerId, eligible_servers
 
 __all__ = [
     "SCHEDULERS",
@@ -32,18 +32,6 @@ class Scheduler(Protocol):
         ...
 
 
-def _eligible(servers: Sequence[tuple[ServerId, int]]) -> list[tuple[ServerId, int]]:
-    """The servers of positive weight, in the given order; rejects negative weights and duplicate ids."""
-    seen: set[ServerId] = set()
-    for server, weight in servers:
-        if weight < 0:
-            raise ValueError(f"negative weight {weight} for server {server!r}")
-        if server in seen:
-            raise ValueError(f"duplicate server {server!r}")
-        seen.add(server)
-    return [(server, weight) for server, weight in servers if weight > 0]
-
-
 class SmoothWeightedRoundRobin:
     """nginx smooth weighted round robin: deterministic, and evenly interleaved.
 
@@ -53,7 +41,7 @@ class SmoothWeightedRoundRobin:
     """
 
     def __init__(self, servers: Sequence[tuple[ServerId, int]]) -> None:
-        eligible = _eligible(servers)
+        eligible = eligible_servers(servers)
         self._ids = [server for server, _ in eligible]
         self._weights = [weight for _, weight in eligible]
         self._current = [0] * len(eligible)
@@ -84,7 +72,7 @@ class LeastConnections:
     """
 
     def __init__(self, servers: Sequence[tuple[ServerId, int]], active: Callable[[ServerId], int]) -> None:
-        eligible = _eligible(servers)
+        eligible = eligible_servers(servers)
         self._ids = [server for server, _ in eligible]
         self._weights = [weight for _, weight in eligible]
         self._active = active

@@ -16,17 +16,18 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
 from convey import stats as st
 from convey.balancing.pool import Pool, Server
-from convey.config import Address, Config
+from convey.config import Address, Config, ServerConfig
 from convey.dataplane.nfqueue import QueueBinding, RawSender, queue_counters
 from convey.errors import StartupError
 from convey.packet.dsr import Dsr
 from convey.packet.flows import Flow, FlowTable
+from convey.packet.ipv4 import HOT_CSUM, HOT_CSUM_HEAD, HOT_HEADER
 from convey.packet.passthrough import Passthrough
 from convey.packet.ports import PortAllocator, RoutedPorts
 
@@ -62,6 +63,7 @@ class PacketPlane:
         self.install_rules = install_rules
         self.config: Config | None = None
         self.vips: dict[tuple[bytes, int], str] = {}
+        self._vip_addrs: frozenset[bytes] = frozenset()
         self.backend_of: dict[str, str] = {}
         self.marks: dict[str, int] = {}
         self._addr_cache: dict[Address, bytes] = {}
@@ -71,6 +73,8 @@ class PacketPlane:
         self._queue: QueueBinding | None = None
         self._raw: RawSender | None = None
         self._task: asyncio.Task[None] | None = None
+        self._rules_lock = asyncio.Lock()
+        self._rules_tasks: set[asyncio.Task[bool]] = set()
         self.handler_errors = 0
         self.decider: Passthrough | Dsr | None = None
         self.ports: PortAllocator | RoutedPorts | None = None
@@ -106,6 +110,41 @@ class PacketPlane:
             log.info("event=rules_installed change=%r", line)
         if at_start:
             self._installed = True
+
+    def _rules_config(self, config: Config) -> Config:
+        """What the rules are rendered from: ``config`` plus, in passthrough mode, the servers removed from it
+        that still carry flows. Their replies must keep reaching the queue until their last flow ends (the
+        open connections of a removed server complete); ``_flow_closed`` renders the rules again then."""
+        if self.mode != "passthrough":
+            return config  # DSR has no return-path rules; its fwmark plan must match ``self.marks``
+        backends = dict(config.backends)
+        for name, backend in config.backends.items():
+            pool = self.pools.get(name)
+            if pool is None or not pool.retired:
+                continue
+            known = {s.addr for s in backend.servers}
+            extra = tuple(
+                ServerConfig(s.name, s.addr, 0) for s in pool.retired.values() if s.addr not in known
+            )
+            if extra:
+                backends[name] = replace(backend, servers=backend.servers + extra)
+        return replace(config, backends=backends) if backends != dict(config.backends) else config
+
+    async def _update_rules(self, reason: str) -> bool:
+        """Bring the rules in line with the live config (and draining servers); True when they changed."""
+        async with self._rules_lock:
+            if self.config is None:
+                return False
+            config = self._rules_config(self.config)
+            try:
+                if not await asyncio.to_thread(self._rules_problems, config):
+                    return False
+                await asyncio.to_thread(self._ensure_rules, config, False)
+            except Exception as exc:  # keep serving with the old rules; the error is visible in the log
+                log.error("event=rules_update_failed reason=%s error=%r", reason, str(exc))
+                return False
+            log.info("event=rules_updated reason=%s", reason)
+            return True
 
     @staticmethod
     def _lookup_sources(addrs: list[bytes]) -> dict[bytes, bytes]:
@@ -154,6 +193,7 @@ class PacketPlane:
         self.vips = {
             (_addr(f.listen_addr.host), f.listen_addr.port): f.name for f in config.frontends.values()
         }
+        self._vip_addrs = frozenset(addr for addr, _ in self.vips)
         self.backend_of = {f.name: f.backend for f in config.frontends.values()}
         if self.mode == "dsr" and config.dsr.rewrite == "mac":
             from convey.dataplane.rules import server_marks
@@ -243,7 +283,8 @@ class PacketPlane:
             self.stats.sections["dsr"] = self.dsr_section
         self._raw = RawSender()
         self._queue = QueueBinding(
-            queue_num, self._on_packet_passthrough if self.mode == "passthrough" else self._on_packet_dsr
+            queue_num,
+            self._passthrough_handler(decider) if isinstance(decider, Passthrough) else self._on_packet_dsr,
         )
         try:
             self._queue.start()
@@ -266,16 +307,17 @@ class PacketPlane:
             except StartupError as exc:
                 log.error("event=route_lookup_failed error=%r", str(exc))
         self._load(config)
-        if old is not None and (old.frontends != config.frontends or old.backends != config.backends):
-            try:
-                if await asyncio.to_thread(self._rules_problems, config):
-                    await asyncio.to_thread(self._ensure_rules, config, False)
-                    changes.append("iptables rules updated for the new config")
-            except Exception as exc:  # keep serving with the old rules; the error is visible in the log
-                log.error("event=rules_update_failed error=%r", str(exc))
+        if (
+            old is not None
+            and (old.frontends != config.frontends or old.backends != config.backends)
+            and await self._update_rules("reload")
+        ):
+            changes.append("iptables rules updated for the new config")
         return changes
 
     async def stop(self, timeout: float) -> None:
+        if self._rules_tasks:
+            await asyncio.gather(*self._rules_tasks, return_exceptions=True)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -301,11 +343,83 @@ class PacketPlane:
 
     # -- per packet -------------------------------------------------------------------------------------------
 
-    def _on_packet_passthrough(self, pkt: Any) -> None:
+    def _passthrough_handler(self, decider: Passthrough) -> Callable[[Any], None]:
+        """The queue callback for passthrough: the hot path inlined, everything else to ``_on_packet_passthrough``.
+
+        The hot path is the decider's own (``Passthrough.ingress``/``egress``: a packet of a known flow, IHL 5,
+        no fragment, no SYN, FIN or RST; same checks, same rewrite, same counters) fused with the queue I/O and
+        with everything it touches bound to locals: no VIP lookup first (the 12-byte key finds the flow in
+        either table; a return-table hit addressed to a VIP address takes the full path), one method call per
+        packet fewer. Measured with bench/packet.py: ~5.4 -> ~4 CPU us per packet on the development VM.
+        """
+        forward, reverse = decider.flows.forward, decider.flows.reverse
+        counters = decider.counters
+        read_head = HOT_HEADER.unpack_from
+        write_head = HOT_CSUM_HEAD.pack_into
+        write_csum = HOT_CSUM.pack_into
+        monotonic = time.monotonic
+        full_path = self._on_packet_passthrough
+        plane = self
+
+        def on_packet(pkt: Any) -> None:
+            try:
+                payload = pkt.get_payload()
+                n = len(payload)
+                if n >= 40:
+                    vihl, total, frag, proto, ip_csum, key, offset, flags, tcp_csum = read_head(payload)
+                    thl = offset >> 2 & 0x3C
+                    if (
+                        vihl == 0x45
+                        and total == n
+                        and proto == 6
+                        and not frag & 0x3FFF
+                        and not flags & 7
+                        and 20 <= thl <= n - 20
+                    ):
+                        flow = forward.get(key)
+                        if flow is not None:
+                            rw = flow.fwd
+                            buf = bytearray(payload)
+                            write_head(buf, 10, (ip_csum - rw.ip_delta) % 0xFFFF, rw.head)
+                            write_csum(buf, 36, (tcp_csum - rw.tcp_delta) % 0xFFFF)
+                            size = n - 20 - thl
+                            flow.last_seen = monotonic()
+                            flow.fwd_packets += 1
+                            flow.fwd_bytes += size
+                            counters.ingress_accepted += 1
+                            counters.bytes_rx += size
+                            pkt.set_payload(bytes(buf))
+                            pkt.accept()
+                            return
+                        flow = reverse.get(key)
+                        if flow is not None and key[4:8] not in plane._vip_addrs:
+                            rw = flow.ret
+                            buf = bytearray(payload)
+                            write_head(buf, 10, (ip_csum - rw.ip_delta) % 0xFFFF, rw.head)
+                            write_csum(buf, 36, (tcp_csum - rw.tcp_delta) % 0xFFFF)
+                            size = n - 20 - thl
+                            flow.last_seen = monotonic()
+                            flow.ret_packets += 1
+                            flow.ret_bytes += size
+                            counters.egress_accepted += 1
+                            counters.bytes_tx += size
+                            pkt.set_payload(bytes(buf))
+                            pkt.accept()
+                            return
+            except Exception:
+                plane.handler_errors += 1
+                with contextlib.suppress(Exception):
+                    pkt.drop()
+                return
+            full_path(pkt, payload)
+
+        return on_packet
+
+    def _on_packet_passthrough(self, pkt: Any, payload: bytes | None = None) -> None:
         decider = self.decider
         assert isinstance(decider, Passthrough)
         try:
-            buf = bytearray(pkt.get_payload())
+            buf = bytearray(pkt.get_payload() if payload is None else payload)
             now = time.monotonic()
             if len(buf) >= 24 and buf[0] == 0x45:
                 ingress = _DST(buf, 16) in self.vips
@@ -388,6 +502,11 @@ class PacketPlane:
         self._fold(flow, entry)
         entry.pool.release(entry.server)
         st.closed(entry.scopes)
+        if entry.server.removed and entry.server.active <= 0 and self._queue is not None:
+            # The last flow of a server removed from the config: its return-path rules can go now.
+            task = asyncio.get_running_loop().create_task(self._update_rules("server_drained"))
+            self._rules_tasks.add(task)
+            task.add_done_callback(self._rules_tasks.discard)
 
     @staticmethod
     def _fold(flow: Flow, entry: _Open) -> None:

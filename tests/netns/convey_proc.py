@@ -60,7 +60,13 @@ class ConveyProcess:
     # lifecycle
 
     def start(self, timeout: float = 20.0) -> ConveyProcess:
-        argv = [sys.executable, "-m", "convey", f"--config={self.config_path}", f"--log-level={self.log_level}"]
+        argv = [
+            sys.executable,
+            "-m",
+            "convey",
+            f"--config={self.config_path}",
+            f"--log-level={self.log_level}",
+        ]
         flag = MODE_FLAGS[self.mode]
         if flag:
             argv.append(flag)
@@ -70,24 +76,31 @@ class ConveyProcess:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         with self.log_path.open("wb") as log:
             self.proc = self.bed.lb.popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-        try:
-            wait_until(self._ready, timeout, "convey's /stats to show the packet plane running", interval=0.05)
-        except BaseException as exc:
-            self.kill()
-            raise ConveyError(f"convey did not become ready: {exc}\n--- log ---\n{self.log()[-4000:]}") from None
-        return self
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while True:
+            if self.proc.poll() is not None:
+                status = self.proc.returncode
+                self.proc = None
+                raise ConveyError(f"convey exited with status {status} at start:\n{self.log()[-4000:]}")
+            try:
+                if self._ready():
+                    return self
+            except (OSError, ValueError) as exc:  # not listening yet, or a partial answer
+                last = exc
+            if time.monotonic() > deadline:
+                self.kill()
+                raise ConveyError(
+                    f"convey's /stats did not show the data plane running within {timeout:g}s "
+                    f"(last error: {last!r})\n--- log ---\n{self.log()[-4000:]}"
+                )
+            time.sleep(0.05)  # poll interval, not synchronisation
 
     def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            raise ConveyError(f"convey exited with status {self.proc.returncode}:\n{self.log()[-4000:]}")
-        try:
-            doc = self.stats(timeout=2.0)
-        except OSError:
-            return False
+        doc = self.stats(timeout=2.0)
         if self.mode == "proxy":
             return True
-        return bool(doc.get("packet", {}).get("queue", {}).get("num") is not None)
+        return doc.get("packet", {}).get("queue", {}).get("num") is not None
 
     def stop(self, timeout: float = 10.0) -> str:
         """SIGTERM, wait for a clean exit (which removes the rules convey installed); returns the log.
@@ -102,7 +115,9 @@ class ConveyProcess:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-                raise ConveyError(f"convey did not exit within {timeout:g}s of SIGTERM:\n{self.log()[-4000:]}")
+                raise ConveyError(
+                    f"convey did not exit within {timeout:g}s of SIGTERM:\n{self.log()[-4000:]}"
+                ) from None
         self.proc = None
         if proc.returncode != 0:
             raise ConveyError(f"convey exited with status {proc.returncode}:\n{self.log()[-4000:]}")
