@@ -45,6 +45,9 @@ def brief(doc: dict[str, object]) -> str:
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as convey and the servers do: TIME_WAIT is fine
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -53,8 +56,12 @@ def port_free(port: int) -> bool:
 
 
 def http_get(url: str, timeout: float = 5.0) -> str:
+    return fetch(url, timeout).decode()
+
+
+def fetch(url: str, timeout: float = 5.0) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return str(resp.read().decode())
+        return bytes(resp.read())
 
 
 def demo_proxy() -> None:
@@ -93,7 +100,7 @@ def demo_proxy() -> None:
             answers.append(body.split()[0])
             print(f"  request {i + 1}: answered by {body.strip()}")
         print(f"  share: {dict(Counter(answers))} (weights 3:1)")
-        big = http_get("http://127.0.0.1:8080/bytes/5000000", timeout=30)
+        big = fetch("http://127.0.0.1:8080/bytes/5000000", timeout=30)
         print(f"  a 5 MB download through the proxy: {len(big)} bytes")
         doc = json.loads(http_get("http://127.0.0.1:7000/stats"))
         print("  GET /stats ->")
