@@ -23,7 +23,7 @@ from typing import Any
 from convey import stats as st
 from convey.balancing.pool import Pool, Server
 from convey.config import Address, Config, ServerConfig
-from convey.dataplane.nfqueue import QueueBinding, RawSender, queue_counters
+from convey.dataplane.nfqueue import Batch, QueueBinding, RawSender, queue_counters
 from convey.errors import StartupError
 from convey.packet.dsr import Dsr
 from convey.packet.flows import Flow, FlowTable
@@ -282,10 +282,11 @@ class PacketPlane:
         if self.mode == "dsr":
             self.stats.sections["dsr"] = self.dsr_section
         self._raw = RawSender()
-        self._queue = QueueBinding(
-            queue_num,
-            self._passthrough_handler(decider) if isinstance(decider, Passthrough) else self._on_packet_dsr,
-        )
+        if isinstance(decider, Passthrough):
+            batch = Batch()
+            self._queue = QueueBinding(queue_num, self._passthrough_handler(decider, batch), batch)
+        else:
+            self._queue = QueueBinding(queue_num, self._on_packet_dsr)
         try:
             self._queue.start()
         except RuntimeError as exc:
@@ -343,14 +344,17 @@ class PacketPlane:
 
     # -- per packet -------------------------------------------------------------------------------------------
 
-    def _passthrough_handler(self, decider: Passthrough) -> Callable[[Any], None]:
+    def _passthrough_handler(self, decider: Passthrough, batch: Batch) -> Callable[[Any], None]:
         """The queue callback for passthrough: the hot path inlined, everything else to ``_on_packet_passthrough``.
 
         The hot path is the decider's own (``Passthrough.ingress``/``egress``: a packet of a known flow, IHL 5,
         no fragment, no SYN, FIN or RST; same checks, same rewrite, same counters) fused with the queue I/O and
         with everything it touches bound to locals: no VIP lookup first (the 12-byte key finds the flow in
         either table; a return-table hit addressed to a VIP address takes the full path), one method call per
-        packet fewer. Measured with bench/packet.py: ~5.4 -> ~4 CPU us per packet on the development VM.
+        packet fewer; and it counts down the queue's ``batch`` itself (see ``nfqueue.Batch``). Measured on the
+        development VM, the Python part of a hot-path packet (the callback on a fake packet, no queue): about
+        0.45 us less than through ``_on_packet_passthrough`` (1.87 -> 1.40-1.63 us when the machine was quiet).
+        tests/netns/test_passthrough.py checks that both paths decide alike.
         """
         forward, reverse = decider.flows.forward, decider.flows.reverse
         counters = decider.counters
@@ -362,6 +366,10 @@ class PacketPlane:
         plane = self
 
         def on_packet(pkt: Any) -> None:
+            left = batch.left - 1
+            batch.left = left
+            if left <= 0:
+                batch.end()
             try:
                 payload = pkt.get_payload()
                 n = len(payload)
