@@ -754,6 +754,11 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency", type=int, default=32, help="concurrent short connections (default 32)"
     )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--no-dsr",
+        action="store_true",
+        help="skip the DSR vs passthrough part (bench/dsr.py, an L2 test bed)",
+    )
     args = parser.parse_args(argv)
     args.seconds = args.seconds or (1.5 if args.quick else 3.0)
     args.rounds = args.rounds or (1 if args.quick else 3)
@@ -777,12 +782,22 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     started = time.monotonic()
+    dsr_rows: list[dict[str, Any]] = []
     try:
         results = bench(args)
+        print(report(results), flush=True)
+        if not args.no_dsr:
+            from bench import (
+                dsr,
+            )  # DSR vs passthrough on one L2 test bed: balancer packets/s and download Mbit/s
+
+            print("\nDSR vs passthrough (same L2 test bed; bench/dsr.py):", file=sys.stderr)
+            dsr_rows = dsr.run(quick=args.quick)
+            print()
+            print(dsr.report(dsr_rows))
     except KeyboardInterrupt:
         print("interrupted; the test bed and every process in it are gone", file=sys.stderr)
         return 130
-    print(report(results))
     print(f"\n({time.monotonic() - started:.0f}s)")
     if args.json:
         doc = {
@@ -790,6 +805,7 @@ def main(argv: list[str] | None = None) -> int:
             "pps": {k: [r.__dict__ for r in v] for k, v in results.pps.items()},
             "bulk_mbit_s": results.bulk,
             "conn_s": {k: {"per_second": v[0], "failed": v[1]} for k, v in results.conns.items()},
+            "dsr": dsr_rows,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
