@@ -591,8 +591,15 @@ def cleanup_leftovers(prefix: str = PREFIX) -> list[str]:
     return removed
 
 
+_CREATOR_PID = os.getpid()
+
+
 @atexit.register
 def _destroy_live_beds() -> None:
+    # pyroute2 forks helper processes for namespace work; when one of them exits through normal interpreter
+    # shutdown it runs atexit handlers too and must not tear down the parent's beds while they are in use.
+    if os.getpid() != _CREATOR_PID:
+        return
     for bed in list(_live_beds):
         with contextlib.suppress(Exception):
             bed.destroy()
