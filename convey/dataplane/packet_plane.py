@@ -539,12 +539,7 @@ class PacketPlane:
         if decider is not None:
             doc["verdicts"] = decider.counters.as_dict()
             doc["parse_errors"] = {e.name.lower(): n for e, n in decider.parse_errors.items() if n}
-            refused = (
-                getattr(decider.counters, "no_server", 0)
-                + getattr(decider.counters, "table_full", 0)
-                + getattr(decider.counters, "no_port", 0)
-            )
-            self.stats.total.refused = refused if self.mode == "passthrough" else decider.counters.no_server
+            self._fold_refused(decider.refused)
         if self.flows is not None:
             doc["flows"] = len(self.flows)
             doc["flow_capacity"] = self.flows.capacity
@@ -558,6 +553,18 @@ class PacketPlane:
         if self._queue is not None:
             doc["queue"] = {"num": self._queue.queue_num, **queue_counters(self._queue.queue_num)}
         return doc
+
+    def _fold_refused(self, by_frontend: Mapping[str, int]) -> None:
+        """Clients the decision refused, per frontend, into the frontend, backend and total counters."""
+        per_backend: dict[str, int] = {}
+        for frontend, n in by_frontend.items():
+            self.stats.frontend(frontend).refused = n
+            backend = self.backend_of.get(frontend)
+            if backend is not None:
+                per_backend[backend] = per_backend.get(backend, 0) + n
+        for backend, n in per_backend.items():
+            self.stats.backend(backend).refused = n
+        self.stats.total.refused = sum(by_frontend.values())
 
     def dsr_section(self) -> dict[str, Any]:
         per_server: Mapping[str, int] = self.flows.per_server() if self.flows is not None else {}

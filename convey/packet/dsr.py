@@ -168,6 +168,7 @@ class Dsr:
         self.on_flow_close = on_flow_close
         self.rst_out: list[bytes] = []
         self.counters = DsrCounters()
+        self.refused: dict[str, int] = {}  # frontend -> packets refused for want of a healthy server
         self.parse_errors: dict[ParseError, int] = dict.fromkeys(ParseError, 0)
         self._rewrite_ip = rewrite == "ip"
         self._forward = flows.forward
@@ -270,6 +271,7 @@ class Dsr:
         choice = self.choose(frontend, flow_hash(addr_to_int(src), sport, addr_to_int(dst), dport))
         if choice is None:
             counters.no_server += 1
+            self.refused[frontend] = self.refused.get(frontend, 0) + 1
             queued = queue_reset(self.rst_out, RST_QUEUE_LIMIT, src, dst, sport, dport, seq, ack, flags, size)
             if queued > 0:
                 counters.rst_queued += 1

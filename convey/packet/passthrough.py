@@ -189,6 +189,7 @@ class Passthrough:
         self.on_flow_close = on_flow_close
         self.rst_out: list[bytes] = []
         self.counters = PassthroughCounters()
+        self.refused: dict[str, int] = {}  # frontend -> clients refused (no_server, table_full, no_port)
         self.parse_errors: dict[ParseError, int] = dict.fromkeys(ParseError, 0)
         self._forward = flows.forward
         self._reverse = flows.reverse
@@ -321,17 +322,20 @@ class Passthrough:
             return None
         if self.flows.full:
             counters.table_full += 1
+            self.refused[frontend] = self.refused.get(frontend, 0) + 1
             self._reset(src, dst, sport, dport, seq, ack, flags, size)
             return None
         choice = self.choose(frontend, flow_hash(addr_to_int(src), sport, addr_to_int(dst), dport))
         if choice is None:
             counters.no_server += 1
+            self.refused[frontend] = self.refused.get(frontend, 0) + 1
             self._reset(src, dst, sport, dport, seq, ack, flags, size)
             return None
         server_id, server_addr, server_port = choice
         got = self.ports.allocate(server_addr, server_port, now)
         if got is None:
             counters.no_port += 1
+            self.refused[frontend] = self.refused.get(frontend, 0) + 1
             self._reset(src, dst, sport, dport, seq, ack, flags, size)
             return None
         lb_addr, eport = got

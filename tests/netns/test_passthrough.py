@@ -556,6 +556,7 @@ def test_no_healthy_server_refuses_with_rst_promptly(beds: Callable[..., Testbed
     assert verdicts["no_server"] == 3 and verdicts["rst_queued"] == 3
     assert doc["packet"]["resets_sent"] == 3 and doc["packet"]["resets_failed"] == 0
     assert doc["refused"] == 3 and doc["total_connections"] == 0
+    assert doc["frontends"]["web"]["refused"] == 3 and doc["backends"]["web_servers"]["refused"] == 3
     assert verdicts["flows_opened"] == 0 and doc["packet"]["ports_in_use"] == 0
     # a server comes up: it is taken in, and connections succeed again
     start_httpd(bed.servers[1], port=SERVER_PORT)

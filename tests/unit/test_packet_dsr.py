@@ -208,6 +208,7 @@ def test_no_server_drops_and_resets() -> None:
     assert tuple_of(pkt) == (VIP, CLIENT, 80, 40000)
     assert (str(pkt[TCP].flags), pkt[TCP].ack) == ("RA", 1001)
     assert env.dsr.counters.no_server == 1 and env.dsr.counters.dropped == 1
+    assert sum(env.dsr.refused.values()) == 1
     assert env.dsr.ingress(packet(40000, "R", 1), 0.0) == (DROP, 0)
     assert len(env.dsr.rst_out) == 1  # never answer a reset
     for i in range(RST_QUEUE_LIMIT + 3):

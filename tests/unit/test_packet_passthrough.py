@@ -194,6 +194,7 @@ def test_no_server_refuses_with_a_reset() -> None:
     assert env.pt.ingress(syn, 0.0) == DROP
     assert bytes(syn) == original
     assert env.pt.counters.no_server == 1 and env.pt.counters.ingress_dropped == 1
+    assert env.pt.refused == {next(iter(env.pt.vips.values())): 1}
     (rst,) = env.pt.rst_out
     pkt = check(rst)
     assert tuple_of(pkt) == (VIP, CLIENT, 80, 40001)
