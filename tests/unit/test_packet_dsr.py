@@ -14,6 +14,7 @@ from convey.packet.dsr import Dsr
 from convey.packet.flows import Flow, FlowState, FlowTable
 from convey.packet.ipv4 import addr_to_bytes
 from convey.packet.passthrough import RST_QUEUE_LIMIT, Verdict
+from tests.unit.scapy_packets import check, tcp_packet, tuple_of
 
 CLIENT = "198.51.100.7"
 VIP = "198.18.0.10"
@@ -37,23 +38,7 @@ def packet(
     dport: int = 80,
     ip_options: list[object] | None = None,
 ) -> bytearray:
-    ip = IP(src=src, dst=dst, options=ip_options) if ip_options else IP(src=src, dst=dst)
-    return bytearray(bytes(ip / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack) / payload))
-
-
-def check(raw: bytes | bytearray) -> IP:
-    pkt = IP(bytes(raw))
-    fresh = IP(bytes(raw))
-    del fresh.chksum
-    del fresh[TCP].chksum
-    fresh = IP(bytes(fresh))
-    assert pkt.chksum == fresh.chksum, "IPv4 checksum"
-    assert pkt[TCP].chksum == fresh[TCP].chksum, "TCP checksum"
-    return pkt
-
-
-def tuple_of(pkt: IP) -> tuple[str, str, int, int]:
-    return (pkt.src, pkt.dst, pkt[TCP].sport, pkt[TCP].dport)
+    return tcp_packet(src, dst, sport, dport, flags, seq, ack, payload, ip_options)
 
 
 class Env:

@@ -28,6 +28,7 @@ from convey.packet.ipv4 import (
     reset_for,
     rewrite,
 )
+from tests.unit.scapy_packets import check, tcp_packet
 
 CLIENT = "198.51.100.7"
 VIP = "198.18.0.10"
@@ -45,21 +46,10 @@ def packet(
     ip_options: list[object] | None = None,
     tcp_options: list[tuple[str, object]] | None = None,
 ) -> bytearray:
-    ip = IP(src=src, dst=dst, options=ip_options) if ip_options else IP(src=src, dst=dst)
-    tcp = TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack, options=tcp_options or [])
-    return bytearray(bytes(ip / tcp / payload))
+    return tcp_packet(src, dst, sport, dport, flags, seq, ack, payload, ip_options, tcp_options)
 
 
-def assert_checksums_valid(raw: bytes | bytearray) -> IP:
-    """Parse with scapy and compare both checksums with the ones scapy recomputes."""
-    pkt = IP(bytes(raw))
-    fresh = IP(bytes(raw))
-    del fresh.chksum
-    del fresh[TCP].chksum
-    fresh = IP(bytes(fresh))
-    assert pkt.chksum == fresh.chksum, "IPv4 checksum"
-    assert pkt[TCP].chksum == fresh[TCP].chksum, "TCP checksum"
-    return pkt
+assert_checksums_valid = check
 
 
 # -- parse

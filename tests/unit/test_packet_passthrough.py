@@ -13,6 +13,7 @@ from convey.packet.flows import Flow, FlowState, FlowTable
 from convey.packet.ipv4 import addr_to_bytes, bytes_to_addr
 from convey.packet.passthrough import RST_QUEUE_LIMIT, Passthrough, Verdict
 from convey.packet.ports import PortAllocator
+from tests.unit.scapy_packets import check, tcp_packet, tuple_of
 
 CLIENT = "198.51.100.7"
 CLIENT2 = "198.51.100.8"
@@ -38,24 +39,7 @@ def packet(
     payload: bytes = b"",
     ip_options: list[object] | None = None,
 ) -> bytearray:
-    ip = IP(src=src, dst=dst, options=ip_options) if ip_options else IP(src=src, dst=dst)
-    return bytearray(bytes(ip / TCP(sport=sport, dport=dport, flags=flags, seq=seq, ack=ack) / payload))
-
-
-def check(raw: bytes | bytearray) -> IP:
-    """Parse with scapy, assert both checksums equal scapy's recomputed ones."""
-    pkt = IP(bytes(raw))
-    fresh = IP(bytes(raw))
-    del fresh.chksum
-    del fresh[TCP].chksum
-    fresh = IP(bytes(fresh))
-    assert pkt.chksum == fresh.chksum, "IPv4 checksum"
-    assert pkt[TCP].chksum == fresh[TCP].chksum, "TCP checksum"
-    return pkt
-
-
-def tuple_of(pkt: IP) -> tuple[str, str, int, int]:
-    return (pkt.src, pkt.dst, pkt[TCP].sport, pkt[TCP].dport)
+    return tcp_packet(src, dst, sport, dport, flags, seq, ack, payload, ip_options)
 
 
 class Env:
