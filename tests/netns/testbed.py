@@ -576,7 +576,9 @@ def delete_namespace(name: str) -> None:
             f"processes in {name} to die",
         )
     netns.remove(name)
+    # State files convey's rules and the DSR backend script keep per namespace.
     (CONVEY_STATE_DIR / f"{name}.json").unlink(missing_ok=True)
+    (CONVEY_STATE_DIR / "backend-nat" / f"{name}.json").unlink(missing_ok=True)
 
 
 def cleanup_leftovers(prefix: str = PREFIX) -> list[str]:
