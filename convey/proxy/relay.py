@@ -191,6 +191,18 @@ class ProxyFrontend:
             drained.set_result(None)
 
 
+def _hold_early(pending: list[bytes] | None, data: bytes, transport: asyncio.Transport) -> list[bytes]:
+    """Keep bytes that arrive before both sides are linked; past EARLY_LIMIT bytes, stop reading until the link
+    (which flushes them and resumes reading)."""
+    if pending is None:
+        pending = [data]
+    else:
+        pending.append(data)
+    if sum(map(len, pending)) > EARLY_LIMIT:
+        transport.pause_reading()
+    return pending
+
+
 class _Client(asyncio.Protocol):
     """The client side of one proxied connection; owns the connection's state and accounting."""
 
@@ -378,15 +390,8 @@ class _Client(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         peer = self._peer
         if peer is None:
-            # Before the link (uvloop only: asyncio's loop honours the pause in connection_made). Keep small
-            # requests without touching the reader; past EARLY_LIMIT bytes, stop reading until the link.
-            pending = self._pending
-            if pending is None:
-                pending = self._pending = [data]
-            else:
-                pending.append(data)
-            if sum(map(len, pending)) > EARLY_LIMIT:
-                self.transport.pause_reading()
+            # Before the link (uvloop only: asyncio's loop honours the pause in connection_made).
+            self._pending = _hold_early(self._pending, data, self.transport)
             return
         peer.write(data)
         n = len(data)
@@ -491,13 +496,7 @@ class _Upstream(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         peer = self._peer
         if peer is None:  # before the link, as in _Client.data_received
-            pending = self._pending
-            if pending is None:
-                pending = self._pending = [data]
-            else:
-                pending.append(data)
-            if sum(map(len, pending)) > EARLY_LIMIT:
-                self.transport.pause_reading()
+            self._pending = _hold_early(self._pending, data, self.transport)
             return
         peer.write(data)
         n = len(data)
