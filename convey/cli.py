@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from convey import __version__
 from convey.config import Config, ConfigError, load_config, summary
+from convey.errors import ConveyError
 
 if TYPE_CHECKING:
     from convey.engine import Engine
@@ -145,7 +146,7 @@ def cmd_rules(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"convey: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except (OSError, RuntimeError) as exc:
+    except (ConveyError, OSError, RuntimeError) as exc:
         print(f"convey: rules {args.action} failed: {exc}", file=sys.stderr)
         return EXIT_STARTUP
     return EXIT_OK
@@ -168,7 +169,7 @@ def run(argv: Sequence[str]) -> int:
     except ConfigError as exc:
         print(f"convey: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    except StartupError as exc:
+    except (StartupError, ConveyError) as exc:
         print(f"convey: cannot start {mode} mode: {exc}", file=sys.stderr)
         return EXIT_STARTUP
     except OSError as exc:

@@ -14,8 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from convey.errors import ConveyError
+from convey.modes import Rewrite
+
 SCHEDULERS = ("wrr", "least_conn", "maglev")
-DSR_REWRITES = ("ip", "mac")
+DSR_REWRITES = tuple(Rewrite)
 EGRESS_NAT_METHODS = ("auto", "tc", "nft")
 
 DEFAULT_HEALTH_INTERVAL = 5.0
@@ -26,7 +29,7 @@ DEFAULT_STATS_ADDRESS = "127.0.0.1"
 DEFAULT_PORT_RANGE = (33768, 61000)
 
 
-class ConfigError(Exception):
+class ConfigError(ConveyError):
     """A configuration problem: which file, which key, what is wrong."""
 
     def __init__(self, file: str, key: str, problem: str) -> None:
@@ -103,7 +106,7 @@ class PassthroughConfig:
 
 @dataclass(frozen=True, slots=True)
 class DsrConfig:
-    rewrite: str = "ip"
+    rewrite: Rewrite = Rewrite.IP
     egress_nat: str = "auto"
     queue_num: int = 0
     idle_timeout: float = 300.0
@@ -394,7 +397,7 @@ class _Parser:
             key,
             ("rewrite", "egress_nat", "queue_num", "idle_timeout", "fwmark_base", "route_table_base"),
         )
-        rewrite = self.choice(section, key, "rewrite", DSR_REWRITES, "ip")
+        rewrite = Rewrite(self.choice(section, key, "rewrite", DSR_REWRITES, "ip"))
         egress = self.choice(section, key, "egress_nat", EGRESS_NAT_METHODS, "auto")
         if rewrite == "ip" and egress == "tc":
             # tc's nat action rewrites addresses only: a server port that differs from the listen port could not be
