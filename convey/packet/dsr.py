@@ -173,6 +173,18 @@ class Dsr:
         self._rewrite_ip = rewrite == "ip"
         self._forward = flows.forward
 
+    def decide(self, payload: bytes, now: float) -> bytes | int | None:
+        """One queued client -> VIP packet, for the queue edge: ``bytes``, accept with that (rewritten) payload
+        (``ip``); an ``int``, accept the packet unchanged with that fwmark (0: no mark); None, drop it. Never
+        raises; resets to send afterwards collect in ``rst_out``."""
+        buf = bytearray(payload)
+        verdict, mark = self.ingress(buf, now)
+        if not verdict:
+            return None
+        if mark:
+            return mark
+        return bytes(buf) if self._rewrite_ip else 0
+
     def ingress(self, buf: bytearray, now: float) -> tuple[int, int]:
         """Client -> VIP packet: (verdict, fwmark); in the ``ip`` flavour the buffer is rewritten in place."""
         try:

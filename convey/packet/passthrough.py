@@ -40,6 +40,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from enum import IntEnum
+from struct import Struct
 
 from convey.balancing.schedulers import flow_hash
 from convey.packet.flows import Flow, FlowState, FlowTable, new_passthrough_flow
@@ -89,6 +90,8 @@ ACCEPT = Verdict.ACCEPT
 DROP = Verdict.DROP
 
 _read_head = HOT_HEADER.unpack_from
+_DST = Struct("!4s2xH").unpack_from  # (dst addr, dst port) of an IHL-5 IPv4/TCP packet, at offset 16
+_U16 = Struct("!H").unpack_from
 _write_head = HOT_CSUM_HEAD.pack_into
 _write_csum = HOT_CSUM.pack_into
 _CLOSING = FlowState.CLOSING
@@ -195,6 +198,29 @@ class Passthrough:
         self._reverse = flows.reverse
 
     # -- per packet
+
+    def decide(self, payload: bytes, now: float) -> bytes | None:
+        """One queued packet of either direction: the bytes to accept it with (rewritten), or None to drop it.
+
+        This is the one entry point of the queue edge: it tells client -> VIP packets from return packets,
+        rewrites, counts, and never raises. Resets to send afterwards collect in ``rst_out``.
+        """
+        buf = bytearray(payload)
+        try:
+            n = len(buf)
+            if n >= 24 and buf[0] == 0x45:
+                ingress = _DST(buf, 16) in self.vips
+            elif n >= 24 and buf[0] >> 4 == 4:
+                ihl = (buf[0] & 15) * 4
+                ingress = n >= ihl + 4 and (bytes(buf[16:20]), _U16(buf, ihl + 2)[0]) in self.vips
+            else:
+                ingress = True  # counted as malformed by ``ingress``
+        except Exception:
+            self.counters.errors += 1
+            self.counters.ingress_dropped += 1
+            return None
+        verdict = self.ingress(buf, now) if ingress else self.egress(buf, now)
+        return bytes(buf) if verdict else None
 
     def ingress(self, buf: bytearray, now: float) -> int:
         """Client -> VIP packet: rewrite it towards its server in place and return the verdict."""
