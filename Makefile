@@ -7,17 +7,18 @@ CONFIG ?= samples/sample-passthrough.toml
 MODE ?= passthrough
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv demo test test-unit test-netns lint format bench bench-quick install-rules remove-rules \
+.PHONY: help deps venv demo test test-fast test-unit test-netns lint format bench bench-quick install-rules remove-rules \
         show-rules clean-netns clean
 
 help:
 	@echo "make demo                  build a namespace test bed, run convey in every mode, show traffic and /stats"
 	@echo "make test                  install what is needed and run the whole test suite (root for netns tests)"
+	@echo "make test-fast             every test that needs no root (unit, proxy relay, proxy end to end): < 1 min"
 	@echo "make lint                  ruff + mypy --strict on convey/"
 	@echo "make bench                 proxy and packet-path benchmarks (ratios against HAProxy/kernel/accept-only)"
 	@echo "make install-rules CONFIG=FILE [MODE=passthrough|dsr]   iptables rules + sysctls in this namespace"
 	@echo "make remove-rules  CONFIG=FILE                           remove exactly those rules"
-	@echo "make clean-netns           remove leftover test namespaces (cvy-*)"
+	@echo "make clean-netns           remove leftover test namespaces (cvy-*): python -m testbed clean"
 
 # System packages (Debian): iptables, nftables, iproute2, libnetfilter-queue for the NFQUEUE binding, haproxy and
 # curl for benchmarks and tests. Installs only what is missing; needs root to install.
@@ -38,6 +39,10 @@ demo: venv
 test: venv
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
+# Tests under tests/netns/ carry the `netns` marker (tests/netns/conftest.py); everything else needs no root.
+test-fast: venv
+	$(PY) -m pytest tests -m "not netns" $(PYTEST_ARGS)
+
 test-unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
 
@@ -45,13 +50,13 @@ test-netns: venv
 	$(PY) -m pytest tests/netns $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check convey tests bench scripts
-	$(VENV)/bin/ruff format --check convey tests bench scripts
+	$(VENV)/bin/ruff check convey testbed tests bench scripts
+	$(VENV)/bin/ruff format --check convey testbed tests bench scripts
 	$(VENV)/bin/mypy
 
 format: venv
-	$(VENV)/bin/ruff format convey tests bench scripts
-	$(VENV)/bin/ruff check --fix convey tests bench scripts
+	$(VENV)/bin/ruff format convey testbed tests bench scripts
+	$(VENV)/bin/ruff check --fix convey testbed tests bench scripts
 
 bench: venv
 	$(PY) bench/proxy.py
@@ -71,7 +76,7 @@ show-rules: venv
 	$(VENV)/bin/convey rules show --config=$(CONFIG) $(if $(filter dsr,$(MODE)),--dsr,--passthrough)
 
 clean-netns:
-	@if [ -x $(PY) ]; then $(PY) -m tests.netns.testbed clean; \
+	@if [ -x $(PY) ]; then $(PY) -m testbed clean; \
 	else for ns in $$(ip netns list | awk '{print $$1}' | grep '^cvy-'); do \
 	  for pid in $$(ip netns pids $$ns); do kill -9 $$pid; done; ip netns del $$ns; echo "removed $$ns"; done; fi
 

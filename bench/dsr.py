@@ -3,7 +3,7 @@
 
     sudo .venv/bin/python bench/dsr.py [--quick] [--seconds N] [--size MB] [--json FILE]
 
-One L2 test bed (tests/netns/testbed.py: client, balancer and two servers on one bridge, 198.19.0.0/24), the same
+One L2 test bed (testbed/: client, balancer and two servers on one bridge, 198.19.0.0/24), the same
 for every mode, so the only difference is the data path:
 
 * ``passthrough``: every packet both ways is queued to convey and rewritten (full NAT);
@@ -14,8 +14,9 @@ Per mode, with the real ``convey`` process in the balancer's namespace:
 
 1. **download**: one curl in the client fetches ``--size`` MB from the VIP; Mbit/s as curl measures it, and the
    packets convey handled meanwhile (its verdict counters) per second and per MB;
-2. **requests**: a client process keeps 32 connections busy for ``--seconds`` s (connect, ``GET /``, read to EOF,
-   close); requests/s, convey's packets/s and packets per request, and convey's CPU use.
+2. **requests**: a client process (bench/lib's ``rr_client`` role) keeps 32 connections busy for ``--seconds`` s
+   (connect, ``GET /``, read to EOF, close); requests/s, convey's packets/s and packets per request, and convey's
+   CPU use.
 
 Ratios DSR / passthrough are printed at the end. Everything (load generator, test servers written in Python,
 convey) shares this machine's cores, and other jobs may run beside it: read the figures as rough, the ratios as
@@ -40,15 +41,18 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.netns.convey_proc import ConveyProcess  # noqa: E402
-from tests.netns.dsr_demo import (  # noqa: E402
+from bench.lib.cpu import cpu_times  # noqa: E402
+from bench.lib.procs import result_of, spawn_in  # noqa: E402
+from testbed.bed import Testbed  # noqa: E402
+from testbed.convey_proc import ConveyProcess  # noqa: E402
+from testbed.dsr import (  # noqa: E402
     IP_SERVER_PORT,
     VIP_PORT,
     dsr_config,
     prepare_servers,
     unprepare_servers,
 )
-from tests.netns.testbed import Testbed, start_httpd  # noqa: E402
+from testbed.httpd_proc import start_httpd  # noqa: E402
 
 MODES = ("passthrough", "dsr-ip", "dsr-mac")
 VERDICT_KEYS = (
@@ -56,8 +60,8 @@ VERDICT_KEYS = (
     "dropped",
     "ingress_accepted",
     "ingress_dropped",
-    "egress_accepted",
-    "egress_dropped",
+    "return_accepted",
+    "return_dropped",
 )
 CONCURRENCY = 32
 MAX_REQUESTS = 1_000_000  # a bound the time limit reaches first
@@ -70,38 +74,11 @@ NAMES = {  # the metrics compared as DSR / passthrough
     "lb_packets_per_request": "balancer packets per request",
 }
 
-LOAD = r"""
-import asyncio, json, sys, time
-vip, port, seconds, concurrency, cap = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-done = failed = 0
-async def worker(end):
-    global done, failed
-    while time.monotonic() < end and done + failed < cap:
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(vip, port), 5)
-            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            await asyncio.wait_for(reader.read(-1), 5)
-            writer.close()
-            done += 1
-        except (OSError, asyncio.TimeoutError):
-            failed += 1
-async def main():
-    start = time.monotonic()
-    await asyncio.gather(*(worker(start + seconds) for _ in range(concurrency)))
-    print(json.dumps({"done": done, "failed": failed, "seconds": time.monotonic() - start}))
-asyncio.run(main())
-"""
-
 
 def verdicts(doc: dict[str, Any]) -> int:
     """Packets convey gave a verdict (either mode's counters)."""
     counts = doc.get("packet", {}).get("verdicts", {})
     return sum(int(counts.get(key, 0)) for key in VERDICT_KEYS)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _config(bed: Testbed, mode: str) -> str:
@@ -136,19 +113,27 @@ def measure_mode(bed: Testbed, mode: str, seconds: float = 5.0, size: int = 200_
             row["download_lb_packets_s"] = packets / elapsed
             row["download_lb_packets_per_mb"] = packets / (size / 1e6)
             # requests
-            before, cpu0, t0 = verdicts(lb.stats()), cpu_seconds(pid), time.monotonic()
-            load = bed.client.python(
-                ["-c", LOAD, bed.vip, str(VIP_PORT), str(seconds), str(CONCURRENCY), str(MAX_REQUESTS)],
-                timeout=seconds + 60,
+            before, cpu0, t0 = verdicts(lb.stats()), cpu_times(pid), time.monotonic()
+            load = spawn_in(
+                bed.client,
+                "rr_client",
+                bed.vip,
+                VIP_PORT,
+                seconds,
+                CONCURRENCY,
+                MAX_REQUESTS,
+                0,
+                "http",
+                ready=False,
             )
-            result = json.loads(load.stdout)
+            result = result_of(load, seconds + 60)
             wall = time.monotonic() - t0
             packets = verdicts(lb.stats()) - before
-            row["requests_s"] = result["done"] / result["seconds"]
-            row["requests_failed"] = result["failed"]
+            row["requests_s"] = result["per_second"]
+            row["requests_failed"] = result["errors"]
             row["request_lb_packets_s"] = packets / result["seconds"]
-            row["lb_packets_per_request"] = packets / max(1, result["done"])
-            row["lb_cpu_percent"] = 100 * (cpu_seconds(pid) - cpu0) / wall
+            row["lb_packets_per_request"] = packets / max(1, result["ok"])
+            row["lb_cpu_percent"] = 100 * (cpu_times(pid) - cpu0).total / wall
             lb.stop()
     finally:
         if rewrite:

@@ -3,7 +3,7 @@
 
     sudo python bench/packet.py [--quick] [--seconds N] [--rounds N] [--json FILE]
 
-Builds a routed namespace test bed (tests/netns/testbed.py: client -- lb -- server, all in 198.18.0.0/15; the
+Builds a routed namespace test bed (testbed/: client -- lb -- server, all in 198.18.0.0/15; the
 host's own namespace is never touched) and measures, in one run:
 
 * packets/s through an **accept-only** NFQUEUE loop: a tiny program bound to convey's queue with convey's own
@@ -39,19 +39,16 @@ process and namespace is removed on exit, on failure and on Ctrl-C. On a shared 
 noisy (the load generators share the CPUs with what they measure): compare ratios from one run, not absolute
 numbers across runs.
 
-Internal child roles (run inside the namespaces): ``_accept_only``, ``_blast``, ``_flows``, ``_source``,
-``_rr_server``, ``_bulk_client``, ``_rr_client``.
+The processes it starts in the namespaces are roles of bench/lib (``accept_only``, ``blast``, ``flows``,
+``bulk_server``, ``rr_server``, ``bulk_client``, ``rr_client``).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import functools
 import json
 import os
-import select
 import signal
 import socket
 import statistics
@@ -68,293 +65,30 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from bench.lib.cpu import cpu_times, pin  # noqa: E402
+from bench.lib.procs import ask, result_of, spawn_in, stop  # noqa: E402
+from bench.lib.rounds import interleave, progress  # noqa: E402
 from convey.packet.checksum import internet_checksum, ip_header_checksum  # noqa: E402
-from tests.netns.convey_proc import ConveyProcess  # noqa: E402
-from tests.netns.testbed import Host, Testbed, read_line  # noqa: E402
+from testbed.bed import Testbed  # noqa: E402
+from testbed.convey_proc import ConveyProcess  # noqa: E402
+from testbed.host import Host  # noqa: E402
+from testbed.process import python_env, read_line  # noqa: E402
 
 VIP_WEB_PORT = 80  # frontend for short connections -> server RR_PORT
 VIP_BULK_PORT = 81  # frontend for bulk -> server SOURCE_PORT
 RR_PORT = 8080
 SOURCE_PORT = 9000
-QUEUE_MAXLEN = 8192  # as convey.dataplane.nfqueue
-COPY_RANGE = 4016
-SOCK_RCVBUF = 8 * 1024 * 1024
 BLAST_FLOWS = 64
 BLAST_SPORT = 45000
 BLAST_PAYLOAD = b"convey-bench-pps!"  # 17 bytes: IP length 57, which the drop rules match
 BLAST_LENGTH = 20 + 20 + len(BLAST_PAYLOAD)
-MAX_BLAST_PACKETS = 50_000_000
 MAX_CONNECTIONS = 20_000  # per connections/s run: within convey's fresh ephemeral ports for one server
-REQUEST = b"Q" * 32
-REPLY = b"R" * 32
 CHUNK = 256 * 1024
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# child roles (each runs inside one namespace of the bed)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def role_accept_only(queue_num: int, max_seconds: float) -> None:
-    """Bind the queue like convey does; accept every packet. A line on stdin -> print the count."""
-    from netfilterqueue import NetfilterQueue
-
-    count = 0
-
-    def callback(pkt: Any) -> None:
-        nonlocal count
-        count += 1
-        pkt.accept()
-
-    nfq = NetfilterQueue()
-    nfq.bind(queue_num, callback, max_len=QUEUE_MAXLEN, range=COPY_RANGE, sock_len=SOCK_RCVBUF)
-    fd = nfq.get_fd()
-    print("ready", flush=True)
-    end = time.monotonic() + max_seconds
-    try:
-        while time.monotonic() < end:
-            readable, _, _ = select.select([fd, sys.stdin], [], [], 1.0)
-            if fd in readable:
-                nfq.run(block=False)
-            if sys.stdin in readable:
-                if sys.stdin.readline().strip() in ("", "stop"):
-                    break
-                print(count, flush=True)
-    finally:
-        nfq.unbind()
-
-
-def role_blast(iface: str, seconds: float) -> None:
-    """Frames (hex, one JSON list on stdin) to an AF_PACKET socket in a tight loop for ``seconds``."""
-    frames = [bytes.fromhex(h) for h in json.loads(sys.stdin.readline())]
-    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
-    sock.bind((iface, 0))
-    send = sock.send
-    print("ready", flush=True)
-    sent = 0
-    start = time.monotonic()
-    end = start + seconds
-    while sent < MAX_BLAST_PACKETS:
-        for frame in frames:
-            send(frame)
-        sent += len(frames)
-        if time.monotonic() >= end:
-            break
-    print(json.dumps({"sent": sent, "seconds": time.monotonic() - start}), flush=True)
-
-
-def role_flows(vip: str, port: int, first_sport: int, count: int, max_seconds: float) -> None:
-    """Open ``count`` connections from fixed source ports; print ready; hold them until stdin says stop; then
-    reset them (SO_LINGER 0: no TIME_WAIT on the client, so the ports are free for the next run)."""
-    socks = []
-    for i in range(count):
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("0.0.0.0", first_sport + i))
-        sock.settimeout(5)
-        sock.connect((vip, port))
-        socks.append(sock)
-    print("ready", flush=True)
-    select.select([sys.stdin], [], [], max_seconds)
-    for sock in socks:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()
-    print("closed", flush=True)
-
-
-def role_source(addr: str, port: int) -> None:
-    """Bulk source: for each connection, send zeros until the peer goes away (one thread per connection)."""
-    import threading
-
-    data = memoryview(bytes(CHUNK))
-    listener = socket.socket()
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind((addr, port))
-    listener.listen(128)
-
-    def serve(conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            if conn.recv(16) != b"stream\n":
-                return
-            deadline = time.monotonic() + 120
-            while time.monotonic() < deadline:
-                conn.sendall(data)
-
-    print("ready", flush=True)
-    while True:
-        conn, _ = listener.accept()
-        threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:
-        return asyncio.new_event_loop()
-
-
-class _RRServer(asyncio.Protocol):
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        self.got = 0
-
-    def data_received(self, data: bytes) -> None:
-        self.got += len(data)
-        if self.got >= len(REQUEST):
-            self.transport.write(REPLY)
-            self.transport.close()  # the server closes first: TIME_WAIT stays on the server
-
-
-def role_rr_server(addr: str, port: int) -> None:
-    loop = _new_loop()
-    server = loop.run_until_complete(
-        loop.create_server(_RRServer, addr, port, backlog=4096, reuse_address=True)
-    )
-    print("ready", flush=True)
-    try:
-        loop.run_forever()
-    finally:
-        server.close()
-
-
-def role_bulk_client(addr: str, port: int, seconds: float) -> None:
-    """One stream: receive for ``seconds`` (after a short warm-up) and report bytes and time."""
-    buf = bytearray(CHUNK)
-    with socket.create_connection((addr, port), timeout=10) as sock:
-        sock.sendall(b"stream\n")
-        warm_end = time.monotonic() + min(0.3, seconds / 4)
-        while time.monotonic() < warm_end:
-            if not sock.recv_into(buf):
-                raise SystemExit("the source closed during warm-up")
-        received = 0
-        start = time.monotonic()
-        end = start + seconds
-        while (now := time.monotonic()) < end:
-            n = sock.recv_into(buf)
-            if not n:
-                raise SystemExit("the source closed early")
-            received += n
-    print(json.dumps({"bytes": received, "seconds": now - start}), flush=True)
-
-
-def role_rr_client(addr: str, port: int, seconds: float, concurrency: int, limit: int) -> None:
-    """``concurrency`` connections at a time: connect, send 32 bytes, read the reply to EOF, close."""
-
-    class Client(asyncio.Protocol):
-        def __init__(self, done: asyncio.Future[bool]) -> None:
-            self.done = done
-            self.got = 0
-
-        def connection_made(self, transport: Any) -> None:
-            transport.write(REQUEST)
-
-        def data_received(self, data: bytes) -> None:
-            self.got += len(data)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if not self.done.done():
-                self.done.set_result(exc is None and self.got == len(REPLY))
-
-    counts = {"ok": 0, "errors": 0, "started": 0}
-
-    async def worker(end: float) -> None:
-        loop = asyncio.get_running_loop()
-        while time.monotonic() < end and counts["started"] < limit:
-            counts["started"] += 1
-            done: asyncio.Future[bool] = loop.create_future()
-            try:
-                await asyncio.wait_for(loop.create_connection(functools.partial(Client, done), addr, port), 5)
-                ok = await asyncio.wait_for(done, 5)
-            except (OSError, TimeoutError):
-                ok = False
-            counts["ok" if ok else "errors"] += 1
-
-    async def main() -> float:
-        start = time.monotonic()
-        await asyncio.gather(*(worker(start + seconds) for _ in range(concurrency)))
-        return time.monotonic() - start
-
-    loop = _new_loop()
-    elapsed = loop.run_until_complete(main())
-    print(json.dumps({**counts, "seconds": elapsed}), flush=True)
-
-
-ROLES: dict[str, tuple[Callable[..., None], tuple[type, ...]]] = {
-    "_accept_only": (role_accept_only, (int, float)),
-    "_blast": (role_blast, (str, float)),
-    "_flows": (role_flows, (str, int, int, int, float)),
-    "_source": (role_source, (str, int)),
-    "_rr_server": (role_rr_server, (str, int)),
-    "_bulk_client": (role_bulk_client, (str, int, float)),
-    "_rr_client": (role_rr_client, (str, int, float, int, int)),
-}
-
-
-def child(argv: list[str]) -> int:
-    func, types = ROLES[argv[0]]
-    func(*(t(a) for t, a in zip(types, argv[1:], strict=True)))
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the bed and the data paths
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
-
-
-def spawn(
-    host: Host, role: str, *args: Any, ready: bool = True, stdin: bool = False
-) -> subprocess.Popen[bytes]:
-    """Start one of this script's roles in ``host``'s namespace (the bed kills it on destroy)."""
-    proc: subprocess.Popen[bytes] = host.popen(
-        [sys.executable, str(Path(__file__).resolve()), role, *map(str, args)],
-        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=_env(),
-    )
-    if ready:
-        line = read_line(proc, 20)
-        if line != "ready":
-            raise RuntimeError(f"{role} did not start: {line!r}")
-    return proc
-
-
-def ask(proc: subprocess.Popen[bytes], line: str, timeout: float) -> str:
-    assert proc.stdin is not None
-    proc.stdin.write(line.encode() + b"\n")
-    proc.stdin.flush()
-    return read_line(proc, timeout)
-
-
-def result_of(proc: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
-    """The JSON line a role prints at its end."""
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise RuntimeError(f"{proc.args!r} did not finish within {timeout:g}s") from None
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"{proc.args!r} failed ({proc.returncode}): {err.decode(errors='replace')[-2000:]}"
-        )
-    doc: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-    return doc
-
-
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of a process, all its threads."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def config_text(bed: Testbed) -> str:
@@ -434,22 +168,6 @@ class KernelPath(DataPath):
         return self.bed.servers[0].addr, RR_PORT if service == "rr" else SOURCE_PORT
 
 
-def stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
-    """End a child: EOF on its stdin (roles that read it finish), then SIGTERM, then SIGKILL."""
-    with contextlib.suppress(OSError):
-        if proc.stdin is not None:
-            proc.stdin.close()
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout)
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout)
-
-
 class AcceptOnlyPath(DataPath):
     """convey's rules (installed with ``convey rules install``), with the accept-only loop bound to the queue."""
 
@@ -460,7 +178,9 @@ class AcceptOnlyPath(DataPath):
         self.config = bed.logdir / "accept-only.toml"
         self.config.write_text(config_text(bed))
         self._rules("install", "--passthrough")
-        self.proc: subprocess.Popen[bytes] | None = spawn(bed.lb, "_accept_only", 0, max_seconds, stdin=True)
+        self.proc: subprocess.Popen[bytes] | None = spawn_in(
+            bed.lb, "accept_only", 0, max_seconds, stdin=True
+        )
 
     def target(self, service: str) -> tuple[str, int]:
         return self.bed.vip, VIP_WEB_PORT if service == "rr" else VIP_BULK_PORT
@@ -476,7 +196,7 @@ class AcceptOnlyPath(DataPath):
 
     def _rules(self, *action: str) -> None:
         self.bed.lb.run(
-            [sys.executable, "-m", "convey", "rules", *action, f"--config={self.config}"], env=_env()
+            [sys.executable, "-m", "convey", "rules", *action, f"--config={self.config}"], env=python_env()
         )
 
     def close(self) -> None:
@@ -502,7 +222,7 @@ class ConveyPath(DataPath):
     def verdicts(self, timeout: float = 60.0) -> int:
         doc = self.convey.stats(timeout=timeout)
         v = doc["packet"]["verdicts"]
-        return int(v["ingress_accepted"] + v["ingress_dropped"] + v["egress_accepted"] + v["egress_dropped"])
+        return int(v["ingress_accepted"] + v["ingress_dropped"] + v["return_accepted"] + v["return_dropped"])
 
     @property
     def pid(self) -> int:
@@ -510,7 +230,7 @@ class ConveyPath(DataPath):
 
     def prepare_blast(self) -> None:
         """The blasted connections, established through convey, so every frame is a packet of a known flow."""
-        self._flows = spawn(self.bed.client, "_flows", self.bed.vip, VIP_WEB_PORT, BLAST_SPORT, BLAST_FLOWS, 120,
+        self._flows = spawn_in(self.bed.client, "flows", self.bed.vip, VIP_WEB_PORT, BLAST_SPORT, BLAST_FLOWS, 120,
                             stdin=True)  # fmt: skip
         flows = self.convey.stats()["packet"]["flows"]
         if flows < BLAST_FLOWS:
@@ -563,15 +283,6 @@ def blast_frames(bed: Testbed) -> list[bytes]:
     return frames
 
 
-def pin(pid: int, cpu: int) -> None:
-    """Keep a process (all its threads) on one CPU, when the machine has more than one."""
-    if (os.cpu_count() or 1) < 2:
-        return
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            os.sched_setaffinity(int(tid), {cpu})
-
-
 def measure_pps(bed: Testbed, path: DataPath, frames: list[bytes], seconds: float) -> Pps:
     """Verdicts/s at the queue while the blaster runs for ``seconds`` (see the module doc). The verdict process
     runs on the last CPU, the blaster (and the kernel work of sending and queueing its packets) on the first."""
@@ -579,9 +290,9 @@ def measure_pps(bed: Testbed, path: DataPath, frames: list[bytes], seconds: floa
     last_cpu = (os.cpu_count() or 1) - 1
     pin(path.pid, last_cpu)
     try:
-        count0, cpu0 = path.verdicts(), cpu_seconds(path.pid)
+        count0, cpu0 = path.verdicts(), cpu_times(path.pid)
         drops0 = queue_drops(bed.lb)
-        blaster = spawn(bed.client, "_blast", "eth0", seconds, ready=False, stdin=True)
+        blaster = spawn_in(bed.client, "blast", "eth0", seconds, ready=False, stdin=True)
         assert blaster.stdin is not None
         pin(blaster.pid, 0)
         blaster.stdin.write(json.dumps([f.hex() for f in frames]).encode() + b"\n")
@@ -591,7 +302,7 @@ def measure_pps(bed: Testbed, path: DataPath, frames: list[bytes], seconds: floa
         started = time.monotonic()
         sent = result_of(blaster, seconds + 30)
         count1 = path.verdicts()  # answered once the queue has drained
-        cpu1 = cpu_seconds(path.pid)
+        cpu = cpu_times(path.pid) - cpu0
         elapsed = time.monotonic() - started
         drops = queue_drops(bed.lb) - drops0
     finally:
@@ -599,7 +310,7 @@ def measure_pps(bed: Testbed, path: DataPath, frames: list[bytes], seconds: floa
     packets = count1 - count0
     if packets <= 0:
         raise RuntimeError(f"{path.name}: no packet got a verdict")
-    user, system = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    user, system = cpu
     return Pps(
         packets / elapsed,
         (user + system) * 1e6 / packets,
@@ -612,16 +323,22 @@ def measure_pps(bed: Testbed, path: DataPath, frames: list[bytes], seconds: floa
 def measure_bulk(bed: Testbed, path: DataPath, seconds: float) -> float:
     """Mbit/s of one TCP stream server -> client through ``path``."""
     addr, port = path.target("bulk")
-    result = result_of(spawn(bed.client, "_bulk_client", addr, port, seconds, ready=False), seconds + 30)
-    return float(result["bytes"]) * 8 / float(result["seconds"]) / 1e6
+    warmup = min(0.3, seconds / 4)
+    proc = spawn_in(bed.client, "bulk_client", addr, port, seconds, 1, "D", warmup, CHUNK, ready=False)
+    result = result_of(proc, warmup + seconds + 30)
+    if result["errors"]:
+        raise RuntimeError(f"bulk client errors: {result['errors']}")
+    return float(result["bytes_per_second"]) * 8 / 1e6
 
 
 def measure_conns(bed: Testbed, path: DataPath, seconds: float, concurrency: int) -> tuple[float, int]:
     """(connections/s, failed connections) for short connections through ``path``."""
     addr, port = path.target("rr")
-    proc = spawn(bed.client, "_rr_client", addr, port, seconds, concurrency, MAX_CONNECTIONS, ready=False)
+    proc = spawn_in(
+        bed.client, "rr_client", addr, port, seconds, concurrency, MAX_CONNECTIONS, 0, "rr", ready=False
+    )
     result = result_of(proc, seconds + 60)
-    return result["ok"] / result["seconds"], int(result["errors"])
+    return float(result["per_second"]), int(result["errors"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -640,8 +357,8 @@ def bench(args: argparse.Namespace) -> Results:
     results = Results()
     bed = Testbed.create(kind="routed", servers=1)
     try:
-        spawn(bed.servers[0], "_rr_server", bed.servers[0].addr, RR_PORT)
-        spawn(bed.servers[0], "_source", bed.servers[0].addr, SOURCE_PORT)
+        spawn_in(bed.servers[0], "rr_server", bed.servers[0].addr, RR_PORT)
+        spawn_in(bed.servers[0], "bulk_server", bed.servers[0].addr, SOURCE_PORT, CHUNK)
         # blasted packets die right after the verdict, the same way on both paths
         for chain in ("INPUT", "FORWARD"):
             bed.lb.run(["iptables", "-A", chain, "-p", "tcp", "-m", "length", "--length", str(BLAST_LENGTH),
@@ -654,33 +371,22 @@ def bench(args: argparse.Namespace) -> Results:
             results.bulk[kernel.name] = measure_bulk(bed, kernel, args.seconds)
             say("kernel forwarding: connections")
             results.conns[kernel.name] = measure_conns(bed, kernel, args.seconds, args.concurrency)
-        for round_ in range(args.rounds):
-            paths: list[Callable[[], DataPath]] = [
-                functools.partial(AcceptOnlyPath, bed, 600),
-                functools.partial(ConveyPath, bed),
-            ]
-            for make in paths if round_ % 2 == 0 else paths[::-1]:
-                with make() as path:
-                    say(f"round {round_ + 1}: {path.name}: packets/s")
-                    results.pps.setdefault(path.name, []).append(measure_pps(bed, path, frames, args.seconds))
-                    if isinstance(path, ConveyPath) and path.name not in results.bulk:
-                        say("convey passthrough: bulk")
-                        results.bulk[path.name] = measure_bulk(bed, path, args.seconds)
-                        say("convey passthrough: connections")
-                        results.conns[path.name] = measure_conns(bed, path, args.seconds, args.concurrency)
+        paths: list[Callable[[], DataPath]] = [
+            functools.partial(AcceptOnlyPath, bed, 600),
+            functools.partial(ConveyPath, bed),
+        ]
+        for round_no, make in interleave(args.rounds, paths, alternate=True):
+            with make() as path:
+                say(f"round {round_no + 1}: {path.name}: packets/s")
+                results.pps.setdefault(path.name, []).append(measure_pps(bed, path, frames, args.seconds))
+                if isinstance(path, ConveyPath) and path.name not in results.bulk:
+                    say("convey passthrough: bulk")
+                    results.bulk[path.name] = measure_bulk(bed, path, args.seconds)
+                    say("convey passthrough: connections")
+                    results.conns[path.name] = measure_conns(bed, path, args.seconds, args.concurrency)
     finally:
         bed.destroy()
     return results
-
-
-def progress() -> Any:
-    """A function printing a progress line with the time since this call, on stderr."""
-    started = time.monotonic()
-
-    def say(text: str) -> None:
-        print(f"  [{time.monotonic() - started:5.1f}s] {text}", file=sys.stderr, flush=True)
-
-    return say
 
 
 def report(results: Results) -> str:
@@ -742,8 +448,6 @@ def report(results: Results) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0].startswith("_"):
-        return child(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="shorter measurements, one packets/s round")
     parser.add_argument("--seconds", type=float, help="seconds per measurement (default 3, quick 1.5)")

@@ -8,8 +8,8 @@ Starts, all on 127.0.0.1 and all as child processes of this one:
 * backends: a bulk server (one thread per connection, blocking sends/receives of a preallocated buffer: C speed) and a
   request/reply server (read a 32-byte request, write a 32-byte reply, close: HTTP/1.0 style, the server closes
   first, so TIME_WAIT stays on the server side and the clients' port search stays cheap);
-* the proxy under test, one at a time: convey's ProxyFrontend (a launcher role of this script builds it from a TOML
-  string with real Pool/Stats, on the default asyncio loop and on uvloop), then HAProxy with ``nbthread 1`` (convey
+* the proxy under test, one at a time: convey's ProxyFrontend (bench/lib's ``convey_proxy`` role builds it from a
+  TOML string with real Pool/Stats, on the default asyncio loop and on uvloop), then HAProxy with ``nbthread 1`` (convey
   is single threaded) and ``nbthread 2``;
 * load generators: bulk clients (one thread per stream, ``recv_into`` a reused buffer) and request/reply clients
   (many concurrent connections: connect, send 32 bytes, read the reply until EOF, close).
@@ -22,16 +22,14 @@ Metrics per row: bulk download Gbit/s over 1 connection and over 4, short connec
 process's CPU use during each (100% = one core busy). Every load loop is bounded in time and count; every child is
 killed on exit, Ctrl-C and failure (and, via PR_SET_PDEATHSIG, if this process itself dies).
 
-The script also implements its own child roles (``_bulk_server``, ``_rr_server``, ``_convey``, ``_bulk_client``,
-``_rr_client``); they are internal.
+The Python processes it starts are roles of bench/lib (``bulk_server``, ``rr_server``, ``convey_proxy``,
+``bulk_client``, ``rr_client``).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import ctypes
 import functools
 import importlib.util
 import json
@@ -39,245 +37,28 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.lib.cpu import busy_cpus, cpu_times, machine_jiffies  # noqa: E402
+from bench.lib.procs import Children, role_argv  # noqa: E402
+from bench.lib.rounds import interleave, median, spread  # noqa: E402
+
 HOST = "127.0.0.1"
-REQUEST = b"Q" * 32
-REPLY = b"R" * 32
 CHUNK = 1024 * 1024
 WARMUP = 0.3
 MAX_SHORT_CONNECTIONS = 2_000_000  # per client process: a bound that the time limit reaches first
 HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
-REPO = Path(__file__).resolve().parent.parent
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# child roles
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _listener(port: int, backlog: int = 4096) -> socket.socket:
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((HOST, port))
-    sock.listen(backlog)
-    return sock
-
-
-def role_bulk_server(port: int) -> None:
-    """'D' -> send forever, 'U' -> receive and discard, until the peer goes away."""
-    data = memoryview(os.urandom(CHUNK))
-    sink = bytearray(CHUNK)
-
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            try:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                command = conn.recv(1)
-                if command == b"D":
-                    while True:
-                        conn.sendall(data)
-                elif command == b"U":
-                    while conn.recv_into(sink):
-                        pass
-            except OSError:
-                pass
-
-    with _listener(port) as listener:
-        print("ready", flush=True)
-        while True:
-            conn, _ = listener.accept()
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-
-class _ReplyProtocol(asyncio.Protocol):
-    __slots__ = ("replied", "transport")
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        self.replied = False
-
-    def data_received(self, data: bytes) -> None:
-        if not self.replied:
-            self.replied = True
-            self.transport.write(REPLY)
-            self.transport.close()  # the server closes first (see the module docstring)
-
-    def eof_received(self) -> bool:
-        return False  # close
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        pass
-
-
-def _new_loop(use_uvloop: bool) -> asyncio.AbstractEventLoop:
-    if use_uvloop:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
-
-
-def role_rr_server(port: int) -> None:
-    loop = _new_loop(HAS_UVLOOP)
-
-    async def main() -> None:
-        await loop.create_server(_ReplyProtocol, HOST, port, reuse_address=True, backlog=4096)
-        print("ready", flush=True)
-        await asyncio.Event().wait()
-
-    loop.run_until_complete(main())
-
-
-def role_convey(bulk_listen: int, bulk_server: int, rr_listen: int, rr_server: int, use_uvloop: bool) -> None:
-    sys.path.insert(0, str(REPO))
-    from convey.balancing.pool import Pool
-    from convey.config import parse_config
-    from convey.proxy.relay import ProxyFrontend
-    from convey.stats import Stats
-
-    config = parse_config(
-        f"""
-[frontends.bulk]
-listen_addr = "{HOST}:{bulk_listen}"
-backend = "bulk"
-[frontends.rr]
-listen_addr = "{HOST}:{rr_listen}"
-backend = "rr"
-[backends.bulk.servers.s1]
-addr = "{HOST}:{bulk_server}"
-[backends.rr.servers.s1]
-addr = "{HOST}:{rr_server}"
-""",
-        "bench.toml",
-    )
-    pools = {name: Pool(b, "proxy") for name, b in config.backends.items()}
-    stats = Stats(mode="proxy", started=time.time())
-    loop = _new_loop(use_uvloop)
-
-    async def main() -> None:
-        fronts = [ProxyFrontend(f, pools, stats) for f in config.frontends.values()]
-        for front in fronts:
-            await front.start()
-        print("ready", flush=True)
-        stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        await stop.wait()
-        for front in fronts:
-            await front.close(1.0)
-        print(json.dumps({"total": stats.total.as_dict()}), flush=True)
-
-    loop.run_until_complete(main())
-
-
-def role_bulk_client(port: int, seconds: float, streams: int, command: str) -> None:
-    """Print the bytes moved per second (download 'D' or upload 'U') over ``streams`` connections."""
-    counts = [0] * streams
-    errors: list[str] = []
-    start = time.monotonic() + WARMUP
-    end = start + seconds
-
-    def run(i: int) -> None:
-        buf = bytearray(CHUNK)
-        data = memoryview(os.urandom(CHUNK))
-        try:
-            with socket.create_connection((HOST, port), timeout=5) as sock:
-                sock.sendall(command.encode())
-                counted = 0
-                while True:
-                    n = sock.recv_into(buf) if command == "D" else sock.send(data)
-                    if n == 0:
-                        raise ConnectionError("closed by peer")
-                    now = time.monotonic()
-                    if now >= end:
-                        break
-                    if now >= start:
-                        counted += n
-                counts[i] = counted
-        except OSError as exc:
-            errors.append(repr(exc))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 10)
-    print(json.dumps({"bytes_per_second": sum(counts) / seconds, "errors": errors[:3]}), flush=True)
-
-
-class _AskProtocol(asyncio.Protocol):
-    __slots__ = ("done", "got", "transport")
-
-    def __init__(self, done: asyncio.Future[None]) -> None:
-        self.done = done
-        self.got = 0
-
-    def connection_made(self, transport: Any) -> None:
-        self.transport = transport
-        transport.write(REQUEST)
-
-    def data_received(self, data: bytes) -> None:
-        self.got += len(data)
-
-    def eof_received(self) -> bool:
-        if not self.done.done():
-            if self.got >= len(REPLY):
-                self.done.set_result(None)
-            else:
-                self.done.set_exception(ConnectionError("EOF before the reply"))
-        return False  # close
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.done.done():
-            self.done.set_exception(exc or ConnectionError("closed before the reply"))
-
-
-def role_rr_client(port: int, seconds: float, concurrency: int) -> None:
-    """Print short connections completed per second by ``concurrency`` workers of this process."""
-    loop = _new_loop(HAS_UVLOOP)
-    counted = 0
-    errors = 0
-    last_error = ""
-
-    async def worker(start: float, end: float) -> None:
-        nonlocal counted, errors, last_error
-        made = 0
-        while made < MAX_SHORT_CONNECTIONS // concurrency:
-            now = loop.time()
-            if now >= end:
-                return
-            done: asyncio.Future[None] = loop.create_future()
-            try:
-                async with asyncio.timeout(5):
-                    await loop.create_connection(functools.partial(_AskProtocol, done), HOST, port)
-                    await done
-            except (OSError, TimeoutError) as exc:
-                errors += 1
-                last_error = repr(exc)
-                await asyncio.sleep(0.01)
-                continue
-            made += 1
-            if loop.time() >= start:
-                counted += 1
-
-    async def main() -> None:
-        start = loop.time() + WARMUP
-        end = start + seconds
-        await asyncio.gather(*(worker(start, end) for _ in range(concurrency)))
-
-    loop.run_until_complete(main())
-    print(
-        json.dumps({"per_second": counted / seconds, "errors": errors, "last_error": last_error}), flush=True
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,78 +66,11 @@ def role_rr_client(port: int, seconds: float, concurrency: int) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         port: int = s.getsockname()[1]
     return port
-
-
-@dataclass
-class Children:
-    """Every process this benchmark started, so that all of them are killed whatever happens."""
-
-    logdir: str
-    procs: list[subprocess.Popen[str]] = field(default_factory=list)
-    logs: dict[int, Path] = field(default_factory=dict)
-
-    def start(
-        self, args: list[str], pin: str | None = None, wait_ready: bool = False
-    ) -> subprocess.Popen[str]:
-        if pin is not None and shutil.which("taskset"):
-            args = ["taskset", "-c", pin, *args]
-        # stderr goes to a file: a chatty child must never block on a full pipe nobody reads.
-        log = Path(self.logdir) / f"child-{len(self.logs)}.err"
-        with open(log, "w") as err:
-            proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                text=True,
-                start_new_session=True,  # Ctrl-C goes to us only; we stop the children in order
-                preexec_fn=_die_with_parent,
-            )
-        self.procs.append(proc)
-        self.logs[proc.pid] = log
-        if wait_ready:
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            if line.strip() != "ready":
-                raise RuntimeError(f"{' '.join(args)} did not start: {line!r} {self.stderr(proc)}")
-        return proc
-
-    def stderr(self, proc: subprocess.Popen[str]) -> str:
-        log = self.logs.get(proc.pid)
-        return log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
-
-    def role(self, *args: Any, pin: str | None = None, wait_ready: bool = True) -> subprocess.Popen[str]:
-        return self.start([sys.executable, __file__, *map(str, args)], pin=pin, wait_ready=wait_ready)
-
-    def stop(self, proc: subprocess.Popen[str], timeout: float = 3.0) -> None:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout)
-        if proc.stdout is not None:
-            proc.stdout.close()
-        if proc in self.procs:
-            self.procs.remove(proc)
-
-    def stop_all(self) -> None:
-        for proc in reversed(list(self.procs)):
-            self.stop(proc)
 
 
 def wait_port(port: int, timeout: float = 5.0) -> None:
@@ -371,46 +85,11 @@ def wait_port(port: int, timeout: float = 5.0) -> None:
             time.sleep(0.02)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its threads."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @dataclass
 class Measure:
     value: float
     cpu: float | None  # proxy CPU use during the measurement, 1.0 = one core
     machine: float  # CPUs busy on the whole machine meanwhile (everything: proxy, generators, kernel, others)
-
-
-def machine_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return sum(values) - idle, sum(values)
-
-
-def busy_cpus(before: tuple[int, int], after: tuple[int, int]) -> float:
-    total = after[1] - before[1]
-    return (after[0] - before[0]) / total * (os.cpu_count() or 1) if total > 0 else 0.0
-
-
-def collect(children: Children, procs: list[subprocess.Popen[str]], timeout: float) -> list[dict[str, Any]]:
-    """Wait for load generators and return their JSON reports; stop them whatever happens."""
-    results = []
-    try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=timeout)
-            if proc.returncode != 0:
-                raise RuntimeError(f"load generator failed ({proc.returncode}): {children.stderr(proc)}")
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for proc in procs:
-            children.stop(proc)
-    return results
 
 
 @dataclass
@@ -422,12 +101,14 @@ class Tools:
     def rr_server(self, port: int) -> list[str]:
         if self.loadgen:
             return [self.loadgen, "server", str(port)]
-        return [sys.executable, __file__, "_rr_server", str(port)]
+        return role_argv("rr_server", HOST, port)
 
     def rr_client(self, port: int, seconds: float) -> list[str]:
         if self.loadgen:
             return [self.loadgen, "client", str(port), str(seconds), str(self.rr_concurrency), str(WARMUP)]
-        return [sys.executable, __file__, "_rr_client", str(port), str(seconds), str(self.rr_concurrency)]
+        return role_argv(
+            "rr_client", HOST, port, seconds, self.rr_concurrency, MAX_SHORT_CONNECTIONS, WARMUP, "rr"
+        )
 
 
 def compile_loadgen(directory: str) -> str | None:
@@ -450,22 +131,22 @@ def measure(
 ) -> Measure:
     if kind.startswith("bulk"):
         streams = int(kind[4:])
-        commands = [[sys.executable, __file__, "_bulk_client", str(port), str(seconds), str(streams), "D"]]
+        commands = [role_argv("bulk_client", HOST, port, seconds, streams, "D", WARMUP, CHUNK)]
     else:
         commands = [tools.rr_client(port, seconds)] * tools.rr_procs
     procs = [children.start(command) for command in commands]
     try:
         # The generators count from WARMUP after they start to WARMUP + seconds; sample CPU inside that window.
         time.sleep(WARMUP + 0.05)
-        cpu0 = cpu_seconds(proxy_pid) if proxy_pid else 0.0
+        cpu0 = cpu_times(proxy_pid).total if proxy_pid else 0.0
         box0 = machine_jiffies()
         t0 = time.monotonic()
         time.sleep(max(0.1, seconds - 0.15))
-        cpu1 = cpu_seconds(proxy_pid) if proxy_pid else 0.0
+        cpu1 = cpu_times(proxy_pid).total if proxy_pid else 0.0
         box1 = machine_jiffies()
         t1 = time.monotonic()
     finally:
-        results = collect(children, procs, seconds + WARMUP + 20)
+        results = children.collect(procs, seconds + WARMUP + 20)
     if kind.startswith("bulk"):
         [result] = results
         if result["errors"]:
@@ -511,18 +192,12 @@ class Row:
             return None
         cpus = [m.cpu for m in runs if m.cpu is not None]
         return Measure(
-            statistics.median(m.value for m in runs),
-            statistics.median(cpus) if cpus else None,
-            statistics.median(m.machine for m in runs),
+            median(m.value for m in runs), median(cpus) if cpus else None, median(m.machine for m in runs)
         )
 
     def spread(self, metric: str) -> float:
         """(max - min) / median over rounds, 0 for a single round."""
-        runs = self.results.get(metric, [])
-        mid = statistics.median(m.value for m in runs) if runs else 0.0
-        return (
-            (max(m.value for m in runs) - min(m.value for m in runs)) / mid if len(runs) > 1 and mid else 0.0
-        )
+        return spread([m.value for m in self.results.get(metric, [])])
 
 
 @dataclass
@@ -551,7 +226,7 @@ def bench(args: argparse.Namespace) -> list[Row]:
             file=sys.stderr,
         )
         bulk_server, rr_server = free_port(), free_port()
-        children.role("_bulk_server", bulk_server, pin=other_cpus)
+        children.role("bulk_server", HOST, bulk_server, CHUNK, pin=other_cpus)
         children.start(tools.rr_server(rr_server), pin=other_cpus, wait_ready=True)
 
         def direct() -> tuple[subprocess.Popen[str] | None, int, int]:
@@ -560,7 +235,14 @@ def bench(args: argparse.Namespace) -> list[Row]:
         def convey(use_uvloop: bool) -> tuple[subprocess.Popen[str] | None, int, int]:
             bulk_listen, rr_listen = free_port(), free_port()
             proc = children.role(
-                "_convey", bulk_listen, bulk_server, rr_listen, rr_server, int(use_uvloop), pin=proxy_cpu
+                "convey_proxy",
+                HOST,
+                bulk_listen,
+                bulk_server,
+                rr_listen,
+                rr_server,
+                int(use_uvloop),
+                pin=proxy_cpu,
             )
             return proc, bulk_listen, rr_listen
 
@@ -602,24 +284,23 @@ def bench(args: argparse.Namespace) -> list[Row]:
         rows = {p.name: Row(p.name) for p in proxies}
         # Rounds go through every row in turn, so that a burst of other load on the machine hits one round of
         # each row rather than all rounds of one.
-        for round_no in range(args.rounds):
-            for proxy in proxies:
-                proc, bulk_port, rr_port = proxy.start()
-                try:
-                    for metric in metrics:
-                        port = rr_port if metric == "rr" else bulk_port
-                        m = measure(children, tools, metric, port, args.seconds, proc.pid if proc else None)
-                        rows[proxy.name].results.setdefault(metric, []).append(m)
-                        cpu = f"proxy CPU {m.cpu * 100:3.0f}%, " if m.cpu is not None else ""
-                        print(
-                            f"  [{round_no + 1}/{args.rounds}] {proxy.name:22} {LABELS[metric]:>16}: "
-                            f"{m.value:10.2f}  ({cpu}machine {m.machine:.2f} CPUs busy)",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                finally:
-                    if proc is not None:
-                        children.stop(proc)
+        for round_no, proxy in interleave(args.rounds, proxies):
+            proc, bulk_port, rr_port = proxy.start()
+            try:
+                for metric in metrics:
+                    port = rr_port if metric == "rr" else bulk_port
+                    m = measure(children, tools, metric, port, args.seconds, proc.pid if proc else None)
+                    rows[proxy.name].results.setdefault(metric, []).append(m)
+                    cpu = f"proxy CPU {m.cpu * 100:3.0f}%, " if m.cpu is not None else ""
+                    print(
+                        f"  [{round_no + 1}/{args.rounds}] {proxy.name:22} {LABELS[metric]:>16}: "
+                        f"{m.value:10.2f}  ({cpu}machine {m.machine:.2f} CPUs busy)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            finally:
+                if proc is not None:
+                    children.stop(proc)
     finally:
         children.stop_all()
         tmp.cleanup()
@@ -676,8 +357,6 @@ def table(rows: list[Row], rounds: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0].startswith("_"):
-        return child(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--seconds", type=float, default=None, help="seconds per measurement (default 2.5, quick 2)"
@@ -759,23 +438,6 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
         args.json.write_text(json.dumps(doc, indent=2) + "\n")
-    return 0
-
-
-def child(argv: list[str]) -> int:
-    role, *rest = argv
-    if role == "_bulk_server":
-        role_bulk_server(int(rest[0]))
-    elif role == "_rr_server":
-        role_rr_server(int(rest[0]))
-    elif role == "_convey":
-        role_convey(int(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]), bool(int(rest[4])))
-    elif role == "_bulk_client":
-        role_bulk_client(int(rest[0]), float(rest[1]), int(rest[2]), rest[3])
-    elif role == "_rr_client":
-        role_rr_client(int(rest[0]), float(rest[1]), int(rest[2]))
-    else:
-        raise SystemExit(f"unknown role {role}")
     return 0
 
 

@@ -42,7 +42,7 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: 
 
 
 class HttpServer:
-    """tests/netns/httpd.py on 127.0.0.1, in its own process."""
+    """testbed/httpd.py on 127.0.0.1, in its own process."""
 
     def __init__(self, name: str, port: int | None = None) -> None:
         self.name = name
@@ -55,7 +55,7 @@ class HttpServer:
 
     def start(self) -> HttpServer:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.netns.httpd", "--bind", self.addr, "--name", self.name],
+            [sys.executable, "-m", "testbed.httpd", "--bind", self.addr, "--name", self.name],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,

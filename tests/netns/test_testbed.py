@@ -12,9 +12,12 @@ import time
 
 import pytest
 
-from tests.netns import testbed
-from tests.netns.httpd import payload, payload_sha256
-from tests.netns.testbed import Host, Testbed, start_httpd, wait_until
+from testbed import bed as testbed
+from testbed.bed import Testbed
+from testbed.host import Host
+from testbed.httpd import payload, payload_sha256
+from testbed.httpd_proc import start_httpd
+from testbed.process import REPO_ROOT, wait_until
 
 
 def counters(host: Host, iface: str) -> tuple[int, int]:
@@ -194,8 +197,8 @@ def test_clean_command_removes_leftovers() -> None:
         names = sorted(n for n in testbed.netns.listnetns() if n.startswith(prefix))
         assert len(names) == 4
         proc = subprocess.run(
-            [sys.executable, "-m", "tests.netns.testbed", "clean", "--prefix", prefix],
-            cwd=testbed.REPO_ROOT,
+            [sys.executable, "-m", "testbed", "clean", "--prefix", prefix],
+            cwd=REPO_ROOT,
             capture_output=True,
             text=True,
             timeout=60,

@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.netns.testbed import REPO_ROOT, Testbed, TestbedError, _stop, wait_until
+from testbed.bed import Testbed
+from testbed.process import TestbedError, python_env, stop_process, wait_until
 
 STATS_PORT = 7000
 MODE_FLAGS = {"passthrough": "--passthrough", "dsr": "--dsr", "proxy": None}
 
 
-class ConveyError(TestbedError):
+class ConveyProcessError(TestbedError):
     """convey did not start, or exited badly; the message carries the end of its log."""
 
 
@@ -72,17 +73,17 @@ class ConveyProcess:
             argv.append(flag)
         if self.install_rules and self.mode != "proxy":
             argv.append("--install-rules")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         with self.log_path.open("wb") as log:
-            self.proc = self.bed.lb.popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.proc = self.bed.lb.popen(argv, stdout=log, stderr=subprocess.STDOUT, env=python_env())
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while True:
             if self.proc.poll() is not None:
                 status = self.proc.returncode
                 self.proc = None
-                raise ConveyError(f"convey exited with status {status} at start:\n{self.log()[-4000:]}")
+                raise ConveyProcessError(
+                    f"convey exited with status {status} at start:\n{self.log()[-4000:]}"
+                )
             try:
                 if self._ready():
                     return self
@@ -90,7 +91,7 @@ class ConveyProcess:
                 last = exc
             if time.monotonic() > deadline:
                 self.kill()
-                raise ConveyError(
+                raise ConveyProcessError(
                     f"convey's /stats did not show the data plane running within {timeout:g}s "
                     f"(last error: {last!r})\n--- log ---\n{self.log()[-4000:]}"
                 )
@@ -104,7 +105,7 @@ class ConveyProcess:
 
     def stop(self, timeout: float = 10.0) -> str:
         """SIGTERM, wait for a clean exit (which removes the rules convey installed); returns the log.
-        Raises ConveyError when it does not exit in time or exits with an error status."""
+        Raises ConveyProcessError when it does not exit in time or exits with an error status."""
         proc = self.proc
         if proc is None:
             return self.log()
@@ -115,17 +116,17 @@ class ConveyProcess:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-                raise ConveyError(
+                raise ConveyProcessError(
                     f"convey did not exit within {timeout:g}s of SIGTERM:\n{self.log()[-4000:]}"
                 ) from None
         self.proc = None
         if proc.returncode != 0:
-            raise ConveyError(f"convey exited with status {proc.returncode}:\n{self.log()[-4000:]}")
+            raise ConveyProcessError(f"convey exited with status {proc.returncode}:\n{self.log()[-4000:]}")
         return self.log()
 
     def kill(self) -> None:
         if self.proc is not None:
-            _stop(self.proc)
+            stop_process(self.proc)
             self.proc = None
 
     @property

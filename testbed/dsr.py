@@ -5,7 +5,7 @@
 client, prints which server answered, shows that the reply bytes did not cross the balancer, and tears everything
 down again (the bed too, when it made it).
 
-Topologies (see tests/netns/testbed.py for the beds):
+Topologies (see testbed/bed.py for the beds):
 
 - ``l2``: client, balancer and servers on one bridge; both flavours work. The balancer forwards client -> VIP
   packets out of the interface they came in by; the servers answer the client on the segment.
@@ -28,21 +28,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.netns.convey_proc import ConveyProcess
-from tests.netns.httpd import payload_sha256
-from tests.netns.testbed import (
-    PREFIX,
-    REPO_ROOT,
-    Host,
-    HttpServer,
-    Testbed,
-    TestbedError,
-    _address,
-    _veth,
-    read_line,
-    start_httpd,
-    wait_until,
-)
+from testbed.bed import Testbed, _address, _veth
+from testbed.convey_proc import ConveyProcess
+from testbed.host import Host
+from testbed.httpd import payload_sha256
+from testbed.httpd_proc import HttpServer, start_httpd
+from testbed.namespaces import PREFIX
+from testbed.process import REPO_ROOT, TestbedError, read_line, wait_until
 
 SETUP_SCRIPT = REPO_ROOT / "scripts" / "setup-dsr-backend.sh"
 BACKEND_STATE_DIR = Path("/run/convey/backend-nat")
@@ -130,13 +122,17 @@ def setup_script(
 
 
 def backend_args(bed: Testbed, server: Host, rewrite: str, method: str = "auto") -> list[str]:
-    """The setup script's arguments for ``server`` of ``bed``."""
-    args = ["--vip", bed.vip, "--port", str(VIP_PORT), "--rewrite", rewrite]
+    """The setup script's arguments for ``server`` of ``bed``: the README's command, ``--vip VIP --port PORT
+    --balancer LB_ADDR --rewrite ip|mac`` (LB_ADDR: where the health checks come from, whose replies the egress
+    NAT must leave alone), then what this bed needs besides."""
+    lb_addr = bed.lb_addr_towards(bed.servers.index(server))
+    args = ["--vip", bed.vip, "--port", str(VIP_PORT), "--balancer", lb_addr, "--rewrite", rewrite]
     if rewrite == "ip":
-        args += ["--server-port", str(IP_SERVER_PORT), "--method", method, "--server-addr", server.addr]
-        if bed.kind == "l2":
-            # the balancer health-checks over the same segment: its checks' replies must keep the server's address
-            args += ["--balancer", bed.lb.addr, "--dev", server.iface]
+        args += ["--server-port", str(IP_SERVER_PORT)]
+        if method != "auto":
+            args += ["--method", method]
+        if bed.kind != "l2":  # the default route leads to the return router, not to where requests arrive
+            args += ["--server-addr", server.addr]
     return args
 
 

@@ -1,6 +1,6 @@
 """A small real HTTP/1.1 test server: run it in a server namespace (or on loopback) behind the balancer.
 
-    python -m tests.netns.httpd --bind ADDR:PORT --name NAME
+    python -m testbed.httpd --bind ADDR:PORT --name NAME
 
 - ``GET /`` -> ``NAME <peer_ip>:<peer_port>\\n``: which server answered and which source address it saw.
 - ``GET /bytes/N`` -> N deterministic bytes (:func:`payload`), with their sha256 in the ``X-Sha256`` header.
@@ -169,7 +169,7 @@ async def serve(host: str, port: int, name: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.netns.httpd", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m testbed.httpd", description=__doc__.splitlines()[0])
     parser.add_argument("--bind", type=parse_bind, required=True, help="ADDR:PORT to listen on (port 0: any)")
     parser.add_argument("--name", required=True, help="the name GET / answers with")
     args = parser.parse_args(argv)

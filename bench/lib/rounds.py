@@ -1,0 +1,43 @@
+"""Rounds and their summaries: interleaved A/B/A/B runs (so a burst of other load hits one round of each
+contender, not all rounds of one), medians and spreads, progress lines."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def interleave(rounds: int, items: Sequence[T], alternate: bool = False) -> Iterator[tuple[int, T]]:
+    """(round, item) for every item in every round: A B, A B, ... or, with ``alternate``, A B, B A, A B, ...
+    (the second order also evens out which one runs first on a warming machine)."""
+    for round_no in range(rounds):
+        order = items[::-1] if alternate and round_no % 2 else items
+        for item in order:
+            yield round_no, item
+
+
+def median(values: Iterable[float]) -> float:
+    return statistics.median(values)
+
+
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median, 0 for fewer than two values or a zero median."""
+    if len(values) < 2:
+        return 0.0
+    mid = statistics.median(values)
+    return (max(values) - min(values)) / mid if mid else 0.0
+
+
+def progress() -> Callable[[str], None]:
+    """A function printing a progress line with the time since this call, on stderr."""
+    started = time.monotonic()
+
+    def say(text: str) -> None:
+        print(f"  [{time.monotonic() - started:5.1f}s] {text}", file=sys.stderr, flush=True)
+
+    return say
