@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Prepare a server for convey's DSR mode (run on the server, as root, in its network namespace):
-#   rewrite "ip":  an egress NAT that puts VIP:PORT back as the source of the server's replies
+#   rewrite "ip":  an egress NAT that puts VIP:PORT back as the source of the server's replies, except the
+#                  replies to the balancer's health checks (--balancer, required)
 #                  (tc act_nat where the kernel has it, an nftables stateless rule otherwise; --method to choose)
 #   rewrite "mac": the VIP on lo, arp_ignore=1 / arp_announce=2
 #
-#   scripts/setup-dsr-backend.sh install|remove --vip VIP --port PORT [--server-port PORT] [--rewrite ip|mac]
-#                                [--dev IFACE] [--method auto|tc|nft] [--server-addr ADDR] [--balancer ADDR]...
+#   scripts/setup-dsr-backend.sh install --vip VIP --port PORT --balancer LB_ADDR [--rewrite ip|mac]
+#                                [--server-port PORT] [--dev IFACE] [--method auto|tc|nft] [--server-addr ADDR]
+#   scripts/setup-dsr-backend.sh remove --vip VIP --port PORT
 #   scripts/setup-dsr-backend.sh show
 #   scripts/setup-dsr-backend.sh --help
 #
 # Idempotent; `remove` restores exactly what `install` changed. A thin wrapper around
-# `python -m convey.dataplane.backend_nat` (docs/dsr.md): it uses the repository's virtualenv when there is one.
+# `python -m convey.backend` (docs/dsr.md): it uses the repository's virtualenv when there is one.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -35,4 +37,4 @@ if [[ $wants_help -eq 0 && "$(id -u)" -ne 0 ]]; then
 fi
 
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-exec "$python" -m convey.dataplane.backend_nat "$@"
+exec "$python" -m convey.backend "$@"

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,10 @@ import pytest
 
 from convey.config import parse_config
 from convey.dataplane import rules
-from tests.netns.testbed import Host, Testbed, read_line, start_httpd
+from testbed.bed import Testbed
+from testbed.host import Host
+from testbed.httpd_proc import start_httpd
+from testbed.process import read_line
 
 DRIVER = textwrap.dedent(
     """
@@ -460,3 +465,36 @@ def test_installed_sysctls_admit_rewritten_packets(
     assert (back >= 1) is returns
     call(lb, "remove", config)
     assert lb.read_sysctl("net.ipv4.conf.s0.rp_filter") == str(rp_filter)
+
+
+def test_cli_failures_are_one_line_and_change_nothing(routed_bed: Testbed) -> None:
+    """`convey rules install/remove` as a user who is not root, and without iptables on PATH: exit 2, one line
+    saying what failed, no traceback, the namespace unchanged."""
+    lb = routed_bed.lb
+    shared = Path(tempfile.mkdtemp(prefix="cvy-rules-"))  # readable by nobody, unlike the bed's log directory
+    try:
+        shared.chmod(0o755)
+        config = shared / "convey.toml"
+        config.write_text(routed_bed.config_toml("passthrough"))
+        config.chmod(0o644)
+        before = saved(lb), lb.run(["sysctl", "net.ipv4"]).stdout
+        convey = [sys.executable, "-m", "convey", "rules"]
+        nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        for action in ("install", "remove"):
+            proc = lb.run([*nobody, *convey, action, f"--config={config}"], check=False)
+            assert proc.returncode == 2, proc
+            assert proc.stderr.startswith(f"convey: rules {action} failed: iptables-save -t raw failed: "), (
+                proc
+            )
+            assert "Permission denied (you must be root)" in proc.stderr
+            assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1
+            proc = lb.run(["env", "PATH=/nonexistent", *convey, action, f"--config={config}"], check=False)
+            assert proc.returncode == 2, proc
+            assert proc.stderr == (
+                f"convey: rules {action} failed: iptables-save not found: install iptables (the nft variant, "
+                "iptables-nft)\n"
+            )
+        assert (saved(lb), lb.run(["sysctl", "net.ipv4"]).stdout) == before
+        assert not Path(f"/run/convey/{lb.ns}.json").exists()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

@@ -1,5 +1,5 @@
-"""The iptables rule sets rendered from configs (no root, nothing installed), and the sysctl helpers on a fake
-/proc/sys."""
+"""The iptables rule sets rendered from configs (no root, nothing installed), and the sysctl decisions they imply
+(convey.dataplane.rules.ruleset and .sysctls; the sysctl I/O itself is in test_kernel_state.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from convey.config import ConfigError, load_config, parse_config
-from convey.dataplane import rules, sysctl
+from convey.dataplane import rules
+from convey.dataplane.rules import sysctls
+from convey.modes import Mode
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -193,54 +195,31 @@ def test_the_checked_in_rule_files_match_the_samples(mode: str) -> None:
     ],
 )
 def test_reserved_ports(value: str, lo: int, hi: int, covered: bool, merged: str) -> None:
-    assert rules._covers(value, lo, hi) is covered
-    assert rules._with_reserved(value, lo, hi) == merged
+    assert sysctls.covers(value, lo, hi) is covered
+    assert sysctls.with_reserved(value, lo, hi) == merged
 
 
-# -- sysctl on a fake /proc/sys ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def proc_sys(tmp_path: Path) -> Path:
-    for key, value in {
-        "net/ipv4/ip_forward": "0\n",
-        "net/ipv4/ip_local_port_range": "32768\t60999\n",
-        "net/ipv4/conf/eth0.100/accept_local": "0\n",
-    }.items():
-        path = tmp_path / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(value)
-    return tmp_path
-
-
-def test_sysctl_write_reports_changes(proc_sys: Path) -> None:
-    assert sysctl.read("net.ipv4.ip_local_port_range", proc_sys) == "32768 60999"
-    change = sysctl.write("net.ipv4.ip_forward", 1, proc_sys)
-    assert change == sysctl.Change("net.ipv4.ip_forward", "0", "1")
-    assert str(change) == "sysctl net.ipv4.ip_forward: 0 -> 1"
-    assert sysctl.write("net.ipv4.ip_forward", "1", proc_sys) is None
-    assert (proc_sys / "net/ipv4/ip_forward").read_text() == "1\n"
-
-
-def test_sysctl_keys_with_dotted_interfaces(proc_sys: Path) -> None:
-    key = sysctl.conf_key("eth0.100", "accept_local")
-    assert key == "net/ipv4/conf/eth0.100/accept_local"
-    assert sysctl.conf_key("eth0", "accept_local") == "net.ipv4.conf.eth0.accept_local"
-    assert sysctl.apply({key: 1}, proc_sys) == [sysctl.Change(key, "0", "1")]
-
-
-def test_sysctl_restore_leaves_values_changed_since(proc_sys: Path) -> None:
-    changes = sysctl.apply({"net.ipv4.ip_forward": 1, "net/ipv4/conf/eth0.100/accept_local": 1}, proc_sys)
-    sysctl.write("net.ipv4.ip_forward", 0, proc_sys)  # someone else, later
-    sysctl.write("net.ipv4.ip_forward", 2, proc_sys)
-    undone = sysctl.restore(changes, proc_sys)
-    assert undone == [sysctl.Change("net/ipv4/conf/eth0.100/accept_local", "1", "0")]
-    assert sysctl.read("net.ipv4.ip_forward", proc_sys) == "2"
-    assert sysctl.restore(changes, proc_sys, force=True) == [sysctl.Change("net.ipv4.ip_forward", "2", "0")]
-
-
-def test_sysctl_errors_name_the_key(proc_sys: Path) -> None:
-    with pytest.raises(sysctl.SysctlError, match=r"net\.ipv4\.nope"):
-        sysctl.read("net.ipv4.nope", proc_sys)
-    with pytest.raises(sysctl.SysctlError):
-        sysctl.path_of("net/../../etc/passwd", proc_sys)
+def test_wanted_sysctls_start_from_the_values_before_convey() -> None:
+    config = parse_config(PASSTHROUGH)
+    now = {
+        "net.ipv4.conf.all.rp_filter": "2",  # convey set it earlier: the original (1) decides
+        "net.ipv4.conf.s0.rp_filter": "1",
+        "net.ipv4.conf.c0.rp_filter": "0",
+        "net.ipv4.ip_local_reserved_ports": "8080,40000-50000",
+    }
+    originals = {"net.ipv4.conf.all.rp_filter": "1", "net.ipv4.ip_local_reserved_ports": "8080"}
+    wanted = sysctls.wanted(config, Mode.PASSTHROUGH, ["c0", "s0"], originals, now.__getitem__)
+    assert wanted == {
+        "net.ipv4.ip_forward": "1",
+        "net.ipv4.conf.all.accept_local": "1",
+        "net.ipv4.conf.c0.accept_local": "1",
+        "net.ipv4.conf.s0.accept_local": "1",
+        "net.ipv4.conf.all.rp_filter": "2",
+        "net.ipv4.conf.s0.rp_filter": "2",
+        "net.ipv4.ip_local_reserved_ports": "8080,40000-50000",
+    }
+    assert sysctls.wanted(config, Mode.DSR, ["eth0.100"], {}, now.__getitem__) == {
+        "net.ipv4.ip_forward": "1",
+        "net.ipv4.conf.all.send_redirects": "0",
+        "net/ipv4/conf/eth0.100/send_redirects": "0",
+    }

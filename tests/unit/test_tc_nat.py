@@ -1,4 +1,4 @@
-"""The tc nat action and u32 filters of convey.dataplane.tc_nat, byte for byte against what tc itself sends.
+"""The tc nat action and u32 filters of convey.backend.tc_nat, byte for byte against what tc itself sends.
 
 How the expected bytes were obtained: iproute2 6.1.0's tc (Debian 12), in a scratch network namespace holding a
 veth ``d0`` (ifindex 3) with ``tc qdisc add dev d0 root handle 10: htb``, run under strace so that every byte it
@@ -25,8 +25,8 @@ import socket
 import pytest
 from pyroute2.netlink.rtnl.tcmsg import tcmsg
 
-from convey.dataplane import tc_nat
-from convey.dataplane.tc_nat import U32Key
+from convey.backend import tc_nat
+from convey.backend.tc_nat import U32Key
 
 SEQ = 0x6B084582  # the captured nlmsg_seq
 IFINDEX = 3

@@ -19,7 +19,7 @@ m_nat.c, m_gact.c): attribute order, nesting flags and the selector's key packin
 are the same (``tests/unit/test_tc_nat.py`` compares them with bytes captured from tc). pyroute2's own u32
 plugin cannot be used for that: it always adds ``TCA_U32_CLASSID`` and packs keys per byte, not per 32-bit word.
 
-Pure encoding, no I/O; sending the message is :mod:`convey.dataplane.backend_nat`'s job.
+Pure encoding, no I/O; sending the message is :mod:`convey.backend.egress_tc`'s job.
 """
 
 from __future__ import annotations

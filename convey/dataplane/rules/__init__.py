@@ -1,0 +1,151 @@
+"""Kernel state for the packet modes: iptables rules, sysctls and (DSR ``rewrite = "mac"``) policy routing.
+
+The one entry point the data plane and the CLI use; the seams live in modules of their own:
+
+- :mod:`.ruleset` renders the rule set from a config (pure, unit-tested): :func:`render`, :func:`show`,
+  :func:`chain_rules`, :func:`server_marks`;
+- :mod:`.iptables` loads it with ``iptables-restore --noflush`` and reads it back with ``iptables-save``;
+- :mod:`.sysctls` decides, sets and restores the sysctls; :mod:`.routing` the DSR mac policy routing;
+- :mod:`convey.dataplane.kernel_state` keeps the record of what changed.
+
+Everything :func:`install` changes besides the iptables chain (sysctls, ip rules, routes) is recorded with its
+old value in ``/run/convey/<netns name or "host">.json``, and :func:`remove` puts back exactly what install
+changed (a sysctl someone has changed since is left alone and reported). ``/run`` is a tmpfs, so the state file
+lives as long as the kernel state it describes. Every expected failure is a :class:`RulesError`,
+:class:`~convey.config.ConfigError` or another :class:`~convey.errors.ConveyError` with a message to show.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from convey.config import Config
+from convey.dataplane import kernel_state
+from convey.dataplane.kernel_state import StateFile
+from convey.dataplane.rules import iptables, routing, sysctls
+from convey.dataplane.rules.ruleset import (
+    CHAIN,
+    HOOK,
+    JUMP_RULE,
+    MODES,
+    TABLE,
+    RulesError,
+    chain_rules,
+    packet_mode,
+    render,
+    server_marks,
+    show,
+    uses_marks,
+)
+from convey.modes import Rewrite
+
+__all__ = [
+    "CHAIN",
+    "HOOK",
+    "JUMP_RULE",
+    "MODES",
+    "TABLE",
+    "RulesError",
+    "chain_rules",
+    "install",
+    "installed_rules",
+    "present",
+    "problems",
+    "remove",
+    "render",
+    "server_marks",
+    "show",
+    "state_file",
+]
+
+log = logging.getLogger(__name__)
+
+
+def state_file(state_dir: Path | None = None) -> StateFile:
+    """``<state_dir or /run/convey>/<netns name or "host">.json``."""
+    return StateFile.here(state_dir)
+
+
+def _load(state: StateFile) -> dict[str, Any]:
+    doc = state.load() or {}
+    doc.setdefault("sysctls", {})
+    doc.setdefault("routing", {})
+    return doc
+
+
+def install(config: Config, mode: str, *, state_dir: Path | None = None) -> list[str]:
+    """Install (or replace) the convey rule set for ``mode``; idempotent. Returns what changed, one line each.
+
+    Order: sysctls, then policy routing, then iptables last, so traffic is diverted only once the rest is
+    ready. Problems found first (iptables missing or unusable, a 0.0.0.0 VIP, a DSR mac server not on-link,
+    ip rules or tables in the way) raise ConfigError or RulesError and change nothing.
+    """
+    mode = packet_mode(mode)
+    chain_rules(config, mode)  # validates the VIPs before anything changes
+    iptables.check_tools()
+    path = state_file(state_dir)
+    state = _load(path)
+    lines: list[str] = []
+    mac = uses_marks(config, mode)
+    with kernel_state.iproute(f"rules install ({mode})") as ipr:
+        planned = routing.check(ipr, config, state["routing"]) if mac else []
+        ifaces, warnings = routing.involved_ifaces(ipr, config)
+        lines += warnings
+        originals = {key: values["old"] for key, values in state["sysctls"].items()}
+        try:
+            lines += sysctls.install(sysctls.wanted(config, mode, ifaces, originals), state["sysctls"])
+            if mac:
+                lines += routing.install(ipr, planned, state["routing"])
+            else:
+                lines += routing.remove(ipr, state["routing"])
+        finally:
+            state["mode"] = mode
+            state["config"] = config.path
+            path.save(state)
+    lines += iptables.install(config, mode)
+    for line in lines:
+        log.info("rules install: %s", line)
+    return lines
+
+
+def remove(config: Config | None = None, *, state_dir: Path | None = None) -> list[str]:
+    """Remove our jump rule and chain and undo what install changed, nothing else; fine when nothing is there.
+
+    The recorded state says what to undo. Without it (a lost state file), a given ``config`` lets remove find
+    the DSR policy routing install would have added; sysctls are then left as they are.
+    """
+    lines = iptables.remove()
+    path = state_file(state_dir)
+    state = _load(path)
+    with kernel_state.iproute("rules remove") as ipr:
+        if not path.exists() and config is not None and config.dsr.rewrite == Rewrite.MAC:
+            state["routing"] = routing.guess(ipr, config)
+        lines += routing.remove(ipr, state["routing"])
+    lines += kernel_state.restore_recorded(state["sysctls"])
+    path.remove()
+    for line in lines:
+        log.info("rules remove: %s", line)
+    return lines
+
+
+def problems(config: Config, mode: str) -> list[str]:
+    """What is missing for ``mode`` with this config; empty when the rule set is fully in place."""
+    mode = packet_mode(mode)
+    found = iptables.problems(config, mode) + sysctls.problems(config, mode)
+    if uses_marks(config, mode):
+        with kernel_state.iproute("rules check") as ipr:
+            found += routing.problems(ipr, config)
+    return found
+
+
+def present(config: Config, mode: str) -> bool:
+    """True when our chain holds the expected rules (and sysctls and policy routing are in place)."""
+    return not problems(config, mode)
+
+
+def installed_rules() -> Iterator[str]:
+    """Our jump rules and chain rules as iptables-save shows them now."""
+    yield from iptables.installed()

@@ -1,0 +1,226 @@
+"""The rule set of a packet mode, rendered from a config: pure, no I/O (unit-tested in tests/unit).
+
+All iptables rules live in one chain of the ``raw`` table, :data:`CHAIN`, jumped to from ``PREROUTING`` by
+exactly one rule carrying the comment ``convey``. For each frontend the chain holds ``-j CT --notrack`` (keep
+conntrack out of the path) and then ``-j NFQUEUE --queue-num Q`` (hand the packet to convey; passthrough adds
+``--queue-bypass`` to let it through when convey is not running, DSR drops it then); in passthrough mode the
+same pair also catches the servers' replies to the ephemeral port range.
+
+DSR ``rewrite = "mac"`` marks: one fwmark and one route table per distinct server address
+(:func:`mark_plan`), which :mod:`convey.dataplane.rules.routing` turns into ip rules and routes and the data
+plane sets per packet (:func:`server_marks`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+from convey.config import Config, ConfigError
+from convey.errors import ConveyError
+from convey.modes import PACKET_MODES, Mode, Rewrite
+
+MODES = PACKET_MODES
+TABLE = "raw"
+CHAIN = "CONVEY-PREROUTING"
+HOOK = "PREROUTING"
+JUMP_COMMENT = "convey"
+JUMP_RULE = f"-A {HOOK} -m comment --comment {JUMP_COMMENT} -j {CHAIN}"
+
+MARK_RULE_PREF = 100  # our fwmark rules
+LOCAL_RULE_PREF = 101  # where the `local` rule goes when it was at pref 0
+RESERVED_TABLES = (0, 253, 254, 255)  # unspec, default, main, local
+
+IP_FORWARD = "net.ipv4.ip_forward"
+RESERVED_PORTS = "net.ipv4.ip_local_reserved_ports"
+
+_COMMENT_UNSAFE = re.compile(r"[^A-Za-z0-9 _.:/=@+-]")
+
+
+class RulesError(ConveyError):
+    """A rule set that cannot be installed or removed (a tool failed, the kernel refused, a conflict)."""
+
+
+def packet_mode(mode: str) -> Mode:
+    """``mode`` as a packet :class:`Mode`; ValueError for anything else (``proxy`` has no rules)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    return Mode(mode)
+
+
+def uses_marks(config: Config, mode: str) -> bool:
+    """Whether ``mode`` needs the fwmark policy routing (DSR with ``rewrite = "mac"``)."""
+    return mode == Mode.DSR and config.dsr.rewrite == Rewrite.MAC
+
+
+def _queue_num(config: Config, mode: Mode) -> int:
+    return config.passthrough.queue_num if mode == Mode.PASSTHROUGH else config.dsr.queue_num
+
+
+def _comment(text: str) -> str:
+    """A comment match in the form iptables-save prints it back (quoted unless plain alphanumeric)."""
+    text = _COMMENT_UNSAFE.sub("_", text)[:255]
+    quoted = text if text.isalnum() else f'"{text}"'
+    return f"-m comment --comment {quoted}"
+
+
+def used_backends(config: Config) -> list[str]:
+    """The backends some frontend uses, in config order."""
+    names: list[str] = []
+    for front in config.frontends.values():
+        if front.backend not in names:
+            names.append(front.backend)
+    return names
+
+
+def chain_rules(config: Config, mode: str) -> list[str]:
+    """The rules of :data:`CHAIN`, each as iptables-save prints it (``-A CONVEY-PREROUTING ...``).
+
+    Raises ConfigError for a frontend listening on 0.0.0.0: a packet mode needs the VIP as a specific address.
+    """
+    mode = packet_mode(mode)
+    # DSR queues without --queue-bypass: while no convey is bound (a restart), packets of established flows
+    # must be dropped (TCP retransmits them) rather than accepted, since the balancer's own stack would answer
+    # them with a RST (the VIP is local) and end connections a restarted convey would otherwise keep.
+    bypass = " --queue-bypass" if mode == Mode.PASSTHROUGH else ""
+    queue = f"-j NFQUEUE --queue-num {_queue_num(config, mode)}{bypass}"
+    rules: list[str] = []
+
+    def pair(match: str, comment: str) -> None:
+        rules.append(f"-A {CHAIN} {match} {_comment(comment)} -j CT --notrack")
+        rules.append(f"-A {CHAIN} {match} {_comment(comment)} {queue}")
+
+    for front in config.frontends.values():
+        if ipaddress.IPv4Address(front.listen_addr.host).is_unspecified:
+            raise ConfigError(
+                config.path,
+                f"frontends.{front.name}.listen_addr",
+                f"{front.listen_addr} means every address; {mode} mode needs the VIP as a specific address",
+            )
+        vip = front.listen_addr
+        pair(f"-d {vip.host}/32 -p tcp -m tcp --dport {vip.port}", f"convey frontend {front.name}")
+    if mode == Mode.PASSTHROUGH:
+        for match, comment in _return_matches(config):
+            pair(match, comment)
+    return rules
+
+
+def _return_matches(config: Config) -> list[tuple[str, str]]:
+    """Passthrough: the servers' replies to the ephemeral range, one match per server address and source."""
+    lo, hi = config.passthrough.port_range
+    sources = config.passthrough.source_addrs or (None,)
+    seen = set()
+    matches = []
+    for back_name in used_backends(config):
+        for server in config.backends[back_name].servers:
+            if server.addr in seen:
+                continue
+            seen.add(server.addr)
+            for source in sources:
+                # Only replies to a balancer address: with source_addrs unset, any local address (a
+                # server answering a client the balancer merely routes is none of ours).
+                dest = f" -d {source}/32" if source else ""
+                local = "" if source else " -m addrtype --dst-type LOCAL"
+                ports = f"--sport {server.addr.port} --dport {lo}:{hi}"
+                match = f"-s {server.addr.host}/32{dest} -p tcp -m tcp {ports}{local}"
+                matches.append((match, f"convey server {back_name}/{server.name}"))
+    return matches
+
+
+def render(config: Config, mode: str) -> str:
+    """The rule set as ``iptables-restore --noflush`` input that touches only our chain and our jump rule.
+
+    Loading it declares (and so empties) :data:`CHAIN`, fills it, and inserts the jump at the top of
+    PREROUTING; to load it again, remove the jump first (or use ``rules.install``, which keeps exactly one).
+    """
+    rules = chain_rules(config, mode)
+    lines = [
+        f"*{TABLE}",
+        f":{CHAIN} - [0:0]",
+        *rules,
+        JUMP_RULE.replace("-A ", "-I ", 1).replace(HOOK, f"{HOOK} 1", 1),
+    ]
+    return "\n".join([*lines, "COMMIT", ""])
+
+
+def show(config: Config, mode: str) -> str:
+    """The rule set with comments saying what else install does; valid ``iptables-restore`` input."""
+    mode = packet_mode(mode)
+    lines = [
+        f"# convey {mode} mode: iptables rules rendered from {config.path}",
+        "# Load with `convey rules install` (idempotent), or: iptables-restore --noflush < this-file",
+        "# (a second plain load adds a second jump rule; remove it with `convey rules remove`).",
+        "#",
+        "# install also sets these sysctls (remove restores them):",
+    ]
+    for key, value in _described_sysctls(config, mode):
+        lines.append(f"#   {key} = {value}")
+    if uses_marks(config, mode):
+        lines.append("#")
+        lines.append("# and policy routing for dsr.rewrite = mac (the verdict marks packets per server):")
+        lines.append(
+            f"#   ip rule add pref {LOCAL_RULE_PREF} lookup local && ip rule del pref 0 lookup local"
+        )
+        for route in mark_plan(config):
+            lines.append(f"#   ip rule add pref {MARK_RULE_PREF} fwmark {route.mark:#x} lookup {route.table}")
+            lines.append(f"#   ip route add default via {route.gateway} table {route.table}")
+    lines.append("")
+    return "\n".join(lines) + render(config, mode)
+
+
+def _described_sysctls(config: Config, mode: Mode) -> list[tuple[str, str]]:
+    items = [(IP_FORWARD, "1")]
+    if mode == Mode.PASSTHROUGH:
+        lo, hi = config.passthrough.port_range
+        items.append(("net.ipv4.conf.all.accept_local", "1"))
+        items.append(("net.ipv4.conf.<interfaces to servers and holding the VIPs>.accept_local", "1"))
+        items.append(("net.ipv4.conf.{all,<those interfaces>}.rp_filter", "2 where it is 1 (strict)"))
+        items.append((RESERVED_PORTS, f"(existing list)+{lo}-{hi}"))
+    else:
+        items.append(("net.ipv4.conf.all.send_redirects", "0"))
+        items.append(("net.ipv4.conf.<interfaces to servers and holding the VIPs>.send_redirects", "0"))
+    return items
+
+
+# -- DSR marks -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MarkRoute:
+    mark: int
+    table: int
+    gateway: str  # the server address
+    servers: tuple[tuple[str, str], ...]  # (backend, server name) sharing that address
+
+
+def mark_plan(config: Config) -> list[MarkRoute]:
+    """One mark and table per distinct server address, in config order (all backends)."""
+    by_host: dict[str, list[tuple[str, str]]] = {}
+    for back in config.backends.values():
+        for server in back.servers:
+            by_host.setdefault(server.addr.host, []).append((back.name, server.name))
+    plan: list[MarkRoute] = []
+    for index, (host, servers) in enumerate(by_host.items()):
+        table = config.dsr.route_table_base + index
+        if table in RESERVED_TABLES or table > 0xFFFFFFFF:
+            raise ConfigError(
+                config.path,
+                "dsr.route_table_base",
+                f"server {servers[0][0]}/{servers[0][1]} would use route table {table}, which is reserved "
+                "(253 default, 254 main, 255 local); choose a base so that base..base+servers-1 avoids them",
+            )
+        mark = config.dsr.fwmark_base + index
+        if mark > 0xFFFFFFFF:
+            raise ConfigError(config.path, "dsr.fwmark_base", f"fwmark {mark:#x} does not fit in 32 bits")
+        plan.append(MarkRoute(mark, table, host, tuple(servers)))
+    return plan
+
+
+def server_marks(config: Config) -> dict[tuple[str, str], int]:
+    """The fwmark the DSR data plane sets for each (backend, server name).
+
+    One mark per distinct server address, ``dsr.fwmark_base + index`` in config order over all backends;
+    servers sharing an address share its mark (and its route table, ``dsr.route_table_base + index``).
+    """
+    return {key: route.mark for route in mark_plan(config) for key in route.servers}
