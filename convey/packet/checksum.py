@@ -7,8 +7,8 @@ All values are 16-bit one's complement numbers held in Python ints. A one's comp
 The packet path never recomputes a checksum over a whole packet: a flow's rewrite replaces the same words by
 the same words for every packet of one direction, so its RFC 1624 delta is computed once (``delta``) and
 applied per packet (``apply``, or the equivalent ``(checksum - delta) % 0xFFFF`` inlined in ``ipv4.rewrite``
-and the hot paths). An incremental update keeps a wrong checksum wrong: a corrupted packet stays corrupted and
-the server's stack drops it, as it would have without the balancer.
+and in ``fastpath``). An incremental update keeps a wrong checksum wrong: a corrupted packet stays corrupted
+and the server's stack drops it, as it would have without the balancer.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def apply(checksum: int, delta: int) -> int:
     header's new sum is -0 the result is +0 (0x0000), exactly what a full recompute gives. For a correct
     ``checksum`` the result equals the full recompute over the rewritten data, for every delta. For ``delta``
     in 1..0xFFFF (what ``delta`` returns) it also equals ``(checksum - delta) % 0xFFFF`` for every 16-bit
-    ``checksum``, which is the form the hot paths inline.
+    ``checksum``, which is the form the fast path inlines.
     """
     total = (~checksum & 0xFFFF) + delta
     total = (total & 0xFFFF) + (total >> 16)

@@ -1,11 +1,13 @@
-"""The direct server return decision for one queued client -> VIP packet: (verdict, fwmark), rewrite in place.
+"""The direct server return decision for one queued client -> VIP packet: verdict, rewrite, counts.
 
-Only client -> server packets pass the balancer; servers answer clients directly. Two flavours:
+Only client -> server packets pass the balancer; servers answer clients directly. ``decide(payload, now)`` is
+the queue edge's one entry point; ``ingress`` decides in place on a bytearray and returns (verdict, fwmark).
+Two flavours (``convey.modes.Rewrite``):
 
-- ``rewrite="ip"``: the destination address (and port, when the server's differs from the VIP's) becomes the
-  server's, the client source is kept, checksums are patched incrementally. The server puts the VIP back as
-  the source of its replies (backend egress NAT). The fwmark returned is 0.
-- ``rewrite="mac"``: the packet is not changed; the verdict carries the server's fwmark (``marks``) and the
+- ``Rewrite.IP``: the destination address (and port, when the server's differs from the VIP's) becomes the
+  server's, the client source is kept, checksums are patched incrementally; ``decide`` answers the rewritten
+  bytes. The server puts the VIP back as the source of its replies (backend egress NAT).
+- ``Rewrite.MAC``: the packet is not changed; ``decide`` answers the server's fwmark (``marks``) and the
   kernel's policy routing (``ip rule fwmark N lookup T``, ``default via <server>`` in T) sends the frame,
   still addressed to the VIP, to that server. The server's port is ignored: the server listens on the VIP's
   port. A server without a mark cannot be reached: its packets are dropped and counted (``no_mark``).
@@ -20,33 +22,23 @@ across restarts. A RST of an unknown flow is forwarded the same way but not pinn
 Lifecycle, seen from one direction: SYN -> EMBRYONIC; the client's next packet -> ESTABLISHED; the client's
 FIN or a RST -> CLOSING, removed after the table's linger without packets (the client's ACKs while the server
 still sends keep it alive). A full table does not refuse anyone here: the flow is forwarded unpinned
-(``table_full``), since DSR keeps no per-flow resource. No healthy server: the packet is dropped
+(``unpinned``), since DSR keeps no per-flow resource. No healthy server: the packet is dropped
 (``no_server``) and the client gets a RST (RFC 793 reset generation; never for a RST), queued in ``rst_out``
 as in passthrough. Malformed packets are dropped and counted as in passthrough (IP options: accepted and
-counted). Nothing raises into the queue loop.
+counted). The counters are ``convey.packet.counters``'; the common packet takes ``convey.packet.fastpath``.
+Nothing raises into the queue loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
 
+from convey import modes
 from convey.balancing.schedulers import flow_hash
+from convey.packet.counters import DsrCounters, count_malformed
+from convey.packet.fastpath import Packet, compile_dsr
 from convey.packet.flows import Flow, FlowState, FlowTable, Rewrite
-from convey.packet.ipv4 import (
-    ACK,
-    FIN,
-    HOT_CSUM,
-    HOT_CSUM_HEAD,
-    HOT_HEADER,
-    RST,
-    SYN,
-    ParseError,
-    addr_to_int,
-    flow_key,
-    parse,
-    rewrite,
-)
+from convey.packet.ipv4 import ACK, FIN, RST, SYN, Malformed, Parsed, addr_to_int, flow_key, parse, rewrite
 from convey.packet.passthrough import (
     ACCEPT,
     DROP,
@@ -57,43 +49,15 @@ from convey.packet.passthrough import (
     queue_reset,
 )
 
-__all__ = ["REWRITES", "Dsr", "DsrCounters", "Verdict", "new_dsr_flow"]
-
-REWRITES = ("ip", "mac")
+__all__ = ["Dsr", "DsrCounters", "Verdict", "new_dsr_flow"]
 
 _DROPPED = (DROP, 0)
-_read_head = HOT_HEADER.unpack_from
-_write_head = HOT_CSUM_HEAD.pack_into
-_write_csum = HOT_CSUM.pack_into
 _CLOSING = FlowState.CLOSING
 
 
-@dataclass(slots=True)
-class DsrCounters:
-    """DSR packet-path counters; ``bytes_rx`` counts TCP payload bytes client -> server (the only direction
-    seen)."""
-
-    accepted: int = 0
-    dropped: int = 0
-    bytes_rx: int = 0
-    rewrites: int = 0  # accepted packets rewritten (``ip`` flavour)
-    ip_options: int = 0
-    malformed: int = 0
-    fragment: int = 0
-    too_long: int = 0
-    not_vip: int = 0
-    no_server: int = 0
-    no_mark: int = 0
-    table_full: int = 0  # flows forwarded without being pinned
-    rescheduled: int = 0  # non-SYN packets of unknown flows, scheduled by flow hash
-    errors: int = 0
-    flows_seen: int = 0
-    flows_closed: int = 0
-    rst_queued: int = 0
-    rst_overflow: int = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+def _not_fast(payload: Packet, now: float) -> None:
+    """The fallback of ``ingress``'s fast path: None, ``ingress`` takes the full path."""
+    return None
 
 
 def new_dsr_flow(
@@ -143,152 +107,132 @@ class Dsr:
     """Sans-I/O DSR decisions; see the module doc. One instance per queue (not thread-safe).
 
     ``vips`` maps (VIP addr, VIP port) to the frontend name; ``marks`` maps server ids to fwmarks (``mac``).
-    Both may be live mappings. ``flows`` is used without return keys or ports.
+    Both may be live mappings or be replaced. ``flows`` is used without return keys or ports, and is fixed for
+    the instance's life (the fast path holds its dict).
     """
+
+    decide: Callable[[bytes, float], bytes | int | None]
+    """One queued client -> VIP packet, for the queue edge: ``bytes``, accept with that (rewritten) payload
+    (``ip``); an ``int``, accept the packet unchanged with that fwmark (0: no mark); None, drop it. The
+    compiled fast path (``convey.packet.fastpath``) falling back to the full path; never raises. Resets to
+    send afterwards collect in ``rst_out``."""
 
     def __init__(
         self,
         vips: Mapping[tuple[bytes, int], str],
         flows: FlowTable,
         choose: Chooser,
-        rewrite: str = "ip",
+        rewrite: modes.Rewrite | str = modes.Rewrite.IP,
         marks: Mapping[str, int] | None = None,
         *,
         on_flow_open: FlowCallback | None = None,
         on_flow_close: FlowCallback | None = None,
     ) -> None:
-        if rewrite not in REWRITES:
-            raise ValueError(f"DSR rewrite must be one of {', '.join(REWRITES)}, got {rewrite!r}")
+        if rewrite not in tuple(modes.Rewrite):
+            kinds = ", ".join(modes.Rewrite)
+            raise ValueError(f"DSR rewrite must be one of {kinds}, got {rewrite!r}")
         self.vips = vips
         self.flows = flows
         self.choose = choose
-        self.rewrite = rewrite
+        self.rewrite = modes.Rewrite(rewrite)
         self.marks: Mapping[str, int] = marks if marks is not None else {}
         self.on_flow_open = on_flow_open
         self.on_flow_close = on_flow_close
         self.rst_out: list[bytes] = []
         self.counters = DsrCounters()
         self.refused: dict[str, int] = {}  # frontend -> packets refused for want of a healthy server
-        self.parse_errors: dict[ParseError, int] = dict.fromkeys(ParseError, 0)
-        self._rewrite_ip = rewrite == "ip"
+        self.parse_errors: dict[Malformed, int] = dict.fromkeys(Malformed, 0)
+        self._rewrite_ip = self.rewrite == modes.Rewrite.IP
         self._forward = flows.forward
-
-    def decide(self, payload: bytes, now: float) -> bytes | int | None:
-        """One queued client -> VIP packet, for the queue edge: ``bytes``, accept with that (rewritten) payload
-        (``ip``); an ``int``, accept the packet unchanged with that fwmark (0: no mark); None, drop it. Never
-        raises; resets to send afterwards collect in ``rst_out``."""
-        buf = bytearray(payload)
-        verdict, mark = self.ingress(buf, now)
-        if not verdict:
-            return None
-        if mark:
-            return mark
-        return bytes(buf) if self._rewrite_ip else 0
+        counters, ip = self.counters, self._rewrite_ip
+        self.decide = compile_dsr(flows.forward, counters, ip, self._decide_full, self._decide_failed)
+        self._fast = compile_dsr(flows.forward, counters, ip, _not_fast)
 
     def ingress(self, buf: bytearray, now: float) -> tuple[int, int]:
         """Client -> VIP packet: (verdict, fwmark); in the ``ip`` flavour the buffer is rewritten in place."""
         try:
-            n = len(buf)
-            if n >= 40:
-                vihl, total, frag, proto, ip_csum, key, offset, flags, tcp_csum = _read_head(buf)
-                if vihl == 0x45 and total == n and proto == 6 and not frag & 0x3FFF and not flags & 7:
-                    thl = offset >> 2 & 0x3C
-                    if 20 <= thl <= total - 20:
-                        flow = self._forward.get(key)
-                        if flow is not None and flow.state:  # EMBRYONIC (0) goes the slow way, to establish
-                            counters = self.counters
-                            if self._rewrite_ip:
-                                rw = flow.fwd
-                                _write_head(buf, 10, (ip_csum - rw.ip_delta) % 0xFFFF, rw.head)
-                                _write_csum(buf, 36, (tcp_csum - rw.tcp_delta) % 0xFFFF)
-                                counters.rewrites += 1
-                            size = total - 20 - thl
-                            flow.last_seen = now
-                            flow.fwd_packets += 1
-                            flow.fwd_bytes += size
-                            counters.accepted += 1
-                            counters.bytes_rx += size
-                            return flow.verdict
-            return self._slow(buf, now)
+            out = self._fast(buf, now)
         except Exception:
-            self.counters.errors += 1
-            self.counters.dropped += 1
+            self._decide_failed(buf)
             return _DROPPED
+        if out is None:
+            return self._full(buf, now)
+        if isinstance(out, int):
+            return (ACCEPT, out)
+        buf[:] = out
+        return (ACCEPT, 0)
 
     def expire(self, now: float) -> None:
         """Remove the flows past their timeout and call ``on_flow_close``; cheap when nothing is due."""
         for flow in self.flows.expire(now):
             self._closed(flow)
 
-    def _slow(self, buf: bytearray, now: float) -> tuple[int, int]:
+    def _decide_full(self, payload: Packet, now: float) -> bytes | int | None:
+        buf = bytearray(payload)
+        verdict, mark = self._full(buf, now)
+        if not verdict:
+            return None
+        if mark:
+            return mark
+        return bytes(buf) if self._rewrite_ip else 0
+
+    def _decide_failed(self, payload: Packet) -> None:
+        self.counters.errors += 1
+        self.counters.dropped += 1
+
+    def _full(self, buf: bytearray, now: float) -> tuple[int, int]:
+        """Every packet the fast path does not take (module doc)."""
         counters = self.counters
-        parsed = parse(buf)
-        if isinstance(parsed, ParseError):
-            self.parse_errors[parsed] += 1
-            if parsed == ParseError.FRAGMENT:
-                counters.fragment += 1
-            elif parsed == ParseError.TOO_LONG:
-                counters.too_long += 1
-            else:
-                counters.malformed += 1
-            counters.dropped += 1
-            return _DROPPED
-        ihl, src, dst, sport, dport, seq, ack, flags, _, size = parsed
-        flow = self._forward.get(flow_key(src, dst, sport, dport))
-        if flow is not None and flow.state == _CLOSING and flags & (SYN | ACK | RST) == SYN:
-            self.flows.remove(flow)  # the client reuses its port for a new connection
-            self._closed(flow)
-            flow = None
-        if flow is None:
-            flow = self._open(src, dst, sport, dport, seq, ack, flags, size, now)
-            if flow is None:
+        try:
+            parsed = parse(buf)
+            if isinstance(parsed, Malformed):
+                count_malformed(counters, self.parse_errors, parsed)
                 counters.dropped += 1
                 return _DROPPED
-        elif not flags & SYN:
-            self.flows.establish(flow)
-        if self._rewrite_ip:
-            rw = flow.fwd
-            rewrite(buf, ihl, rw.addrs, rw.ports, rw.ip_delta, rw.tcp_delta)
-            counters.rewrites += 1
-        flow.last_seen = now
-        flow.fwd_packets += 1
-        flow.fwd_bytes += size
-        if flags & (RST | FIN):
-            self.flows.close(flow, now)
-        if ihl != 20:
-            counters.ip_options += 1
-        counters.accepted += 1
-        counters.bytes_rx += size
-        return flow.verdict
+            flags = parsed.flags
+            flow = self._forward.get(flow_key(parsed.src, parsed.dst, parsed.sport, parsed.dport))
+            if flow is not None and flow.state == _CLOSING and flags & (SYN | ACK | RST) == SYN:
+                self.flows.remove(flow)  # the client reuses its port for a new connection
+                self._closed(flow)
+                flow = None
+            if flow is None:
+                flow = self._open(parsed, now)
+                if flow is None:
+                    counters.dropped += 1
+                    return _DROPPED
+            elif not flags & SYN:
+                self.flows.establish(flow)
+            if self._rewrite_ip:
+                rw = flow.fwd
+                rewrite(buf, parsed.ihl, rw.addrs, rw.ports, rw.ip_delta, rw.tcp_delta)
+                counters.rewrites += 1
+            size = parsed.payload_len
+            flow.last_seen = now
+            flow.fwd_packets += 1
+            flow.fwd_bytes += size
+            if flags & (RST | FIN):
+                self.flows.close(flow, now)
+            if parsed.ihl != 20:
+                counters.ip_options += 1
+            counters.accepted += 1
+            counters.bytes_tx += size
+            return flow.verdict
+        except Exception:
+            self._decide_failed(buf)
+            return _DROPPED
 
-    def _open(
-        self,
-        src: bytes,
-        dst: bytes,
-        sport: int,
-        dport: int,
-        seq: int,
-        ack: int,
-        flags: int,
-        size: int,
-        now: float,
-    ) -> Flow | None:
+    def _open(self, p: Parsed, now: float) -> Flow | None:
         """A flow for a packet of an unknown flow (pinned unless it is a RST or the table is full), or None
         after counting why not."""
         counters = self.counters
-        frontend = self.vips.get((dst, dport))
+        frontend = self.vips.get((p.dst, p.dport))
         if frontend is None:
             counters.not_vip += 1
             return None
-        choice = self.choose(frontend, flow_hash(addr_to_int(src), sport, addr_to_int(dst), dport))
+        choice = self.choose(frontend, flow_hash(addr_to_int(p.src), p.sport, addr_to_int(p.dst), p.dport))
         if choice is None:
             counters.no_server += 1
-            self.refused[frontend] = self.refused.get(frontend, 0) + 1
-            queued = queue_reset(self.rst_out, RST_QUEUE_LIMIT, src, dst, sport, dport, seq, ack, flags, size)
-            if queued > 0:
-                counters.rst_queued += 1
-            elif queued < 0:
-                counters.rst_overflow += 1
+            self._refuse(frontend, p)
             return None
         server_id, server_addr, server_port = choice
         fwmark = 0
@@ -300,10 +244,10 @@ class Dsr:
             fwmark = mark
         flow = new_dsr_flow(
             frontend,
-            src,
-            sport,
-            dst,
-            dport,
+            p.src,
+            p.sport,
+            p.dst,
+            p.dport,
             server_id,
             server_addr,
             server_port,
@@ -311,21 +255,30 @@ class Dsr:
             self._rewrite_ip,
             fwmark,
         )
-        if flags & (SYN | ACK | RST | FIN) != SYN:
+        if p.flags & (SYN | ACK | RST | FIN) != SYN:
             counters.rescheduled += 1
             flow.state = FlowState.ESTABLISHED
-        if flags & RST:
+        if p.flags & RST:
             return flow  # forwarded, not pinned: the connection is over anyway
         if not self.flows.add(flow):
-            counters.table_full += 1
+            counters.unpinned += 1
             return flow
-        counters.flows_seen += 1
+        counters.flows_opened += 1
         if self.on_flow_open is not None:
             try:
                 self.on_flow_open(flow)
             except Exception:
-                counters.errors += 1
+                counters.callback_errors += 1
         return flow
+
+    def _refuse(self, frontend: str, p: Parsed) -> None:
+        """The client of ``frontend`` is turned away (the reason is counted): ``refused``, and a RST."""
+        self.refused[frontend] = self.refused.get(frontend, 0) + 1
+        queued = queue_reset(self.rst_out, RST_QUEUE_LIMIT, p)
+        if queued > 0:
+            self.counters.rst_queued += 1
+        elif queued < 0:
+            self.counters.rst_overflow += 1
 
     def _closed(self, flow: Flow) -> None:
         self.counters.flows_closed += 1
@@ -333,4 +286,4 @@ class Dsr:
             try:
                 self.on_flow_close(flow)
             except Exception:
-                self.counters.errors += 1
+                self.counters.callback_errors += 1

@@ -2,9 +2,10 @@
 
 A flow is keyed by the 12 wire bytes (src addr, dst addr, sport, dport) of its packets (``ipv4.flow_key``):
 the forward key ``client, VIP, cport, vport`` and, for passthrough, the return key ``server, LB addr, sport,
-eport``. Without IP options these are bytes 12..24 of the packet, so the hot paths read the key with the same
+eport``. Without IP options these are bytes 12..24 of the packet, so the fast path reads the key with the same
 ``struct`` call that reads the header. A flat 12-byte ``bytes`` key hashes and compares in one C call:
-unpack + lookup measured ~400 ns against ~680 ns for a (src, dst, sport, dport) tuple.
+unpack + lookup measured ~190 ns against ~230 ns for a (src, dst, sport, dport) tuple unpacked with one
+``struct`` call (``bench/hotpath.py``, "flow key" rows; bench/README.md).
 
 Each direction's rewrite (``Rewrite``: the new address, port and header bytes, and both checksum deltas) is
 computed once, when the flow is created, and applied to every packet.
@@ -145,7 +146,7 @@ def new_passthrough_flow(
 class FlowTable:
     """Flows by forward key (``forward``) and by return key (``reverse``), with capacity and expiry.
 
-    ``forward`` and ``reverse`` are plain dicts that the handlers read directly on the hot path; change them
+    ``forward`` and ``reverse`` are plain dicts that the fast path reads directly; change them
     only through ``add`` and ``remove``.
     """
 

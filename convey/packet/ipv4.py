@@ -8,8 +8,8 @@ checksum (``ip_rcv`` drops bad ones) and that the packet is at least as long as 
 packets are trimmed). The TCP checksum is not verified (that would cost a pass over the payload); incremental
 updates keep a bad one bad, so the server's stack still drops the segment.
 
-``parse`` decides what is an error. Every error is fatal for the packet (the handlers drop it and count the
-code):
+``parse`` decides what is malformed: it returns a ``Parsed`` (named fields) or the ``Malformed`` kind, never
+raises. Every kind is fatal for the packet (the decisions drop it and count the kind):
 
 - ``TRUNCATED``: the buffer is shorter than 20 bytes or than the IHL, or the TCP header does not fit in the
   packet (the total length or the buffer ends before 20 bytes of TCP header, or before the data offset says it
@@ -28,7 +28,7 @@ code):
 
 IP options (IHL > 5) are *not* an error: the rewrite touches only the addresses, the ports and the two
 checksums, and options are covered by the IPv4 checksum but left unchanged, so the flow's precomputed deltas
-still hold. The parser returns the real IHL and the handlers accept such packets (rewritten) and count them
+still hold. The parser returns the real IHL and the decisions accept such packets (rewritten) and count them
 (``ip_options``).
 """
 
@@ -37,6 +37,7 @@ from __future__ import annotations
 import ipaddress
 from enum import IntEnum
 from struct import Struct
+from typing import NamedTuple
 
 from convey.packet.checksum import internet_checksum, ip_header_checksum
 
@@ -55,7 +56,7 @@ __all__ = [
     "SYN",
     "TCP_CHECKSUM",
     "URG",
-    "ParseError",
+    "Malformed",
     "Parsed",
     "addr_from_int",
     "addr_to_bytes",
@@ -91,8 +92,9 @@ PROTO_TCP = 6
 MAX_COPY = 4016
 
 
-class ParseError(IntEnum):
-    """Why ``parse`` rejected a packet. All are fatal: the handlers drop the packet (see the module doc)."""
+class Malformed(IntEnum):
+    """Why ``parse`` rejected a packet (returned, not raised). All are fatal: the decisions drop the packet
+    and count it (see the module doc and ``convey.packet.counters``)."""
 
     TRUNCATED = 1
     BAD_VERSION = 2
@@ -104,10 +106,22 @@ class ParseError(IntEnum):
     BAD_TCP_HEADER = 8
 
 
-# (ihl, src addr, dst addr, sport, dport, seq, ack, flags, TCP header length, payload length), in bytes.
-Parsed = tuple[int, bytes, bytes, int, int, int, int, int, int, int]
+class Parsed(NamedTuple):
+    """The fields of a valid IPv4 + TCP packet; lengths are in bytes."""
 
-# The hot paths' view of a packet without IP options (first 38 bytes): version/IHL, total length, fragment
+    ihl: int  # IPv4 header length (20 without options)
+    src: bytes  # 4-byte addresses
+    dst: bytes
+    sport: int
+    dport: int
+    seq: int
+    ack: int
+    flags: int  # TCP flags (FIN, SYN, ...)
+    tcp_header_len: int
+    payload_len: int  # TCP payload: total length minus both headers
+
+
+# The fast path's view of a packet without IP options (first 38 bytes): version/IHL, total length, fragment
 # field, protocol, IPv4 checksum, bytes 12..24 (the flow key), TCP data offset, TCP flags, TCP checksum. The
 # rewrite then writes the IPv4 checksum and bytes 12..24 in one call (HOT_CSUM_HEAD at offset 10) and the TCP
 # checksum in another (HOT_CSUM at offset 36).
@@ -124,47 +138,46 @@ _PORT_PAIR = Struct("!HH")
 _RST_TEMPLATE = Struct("!BBHHHBBH4s4sHHIIBBHHH")
 
 
-def parse(buf: bytes | bytearray) -> Parsed | ParseError:
-    """Validate an IPv4 + TCP packet and return its fields in one tuple (``Parsed``), or the ``ParseError``.
+def parse(buf: bytes | bytearray) -> Parsed | Malformed:
+    """Validate an IPv4 + TCP packet and return its fields (``Parsed``), or why it is ``Malformed``.
 
-    The checks run in the order of the module doc; the first failing one names the error. ``ihl`` and the TCP
-    header length are in bytes; the payload length is the total length minus both headers.
+    The checks run in the order of the module doc; the first failing one names the kind.
     """
     n = len(buf)
     if n < 20:
-        return ParseError.TRUNCATED
+        return Malformed.TRUNCATED
     vihl, total, frag, proto, src, dst = _IP.unpack_from(buf)
     if vihl >> 4 != 4:
-        return ParseError.BAD_VERSION
+        return Malformed.BAD_VERSION
     ihl = (vihl & 0x0F) << 2
     if ihl < MIN_IHL:
-        return ParseError.BAD_IHL
+        return Malformed.BAD_IHL
     if n < ihl:
-        return ParseError.TRUNCATED
+        return Malformed.TRUNCATED
     if proto != PROTO_TCP:
-        return ParseError.NOT_TCP
+        return Malformed.NOT_TCP
     if frag & IP_FRAGMENT_MASK:
-        return ParseError.FRAGMENT
+        return Malformed.FRAGMENT
     if total < ihl + MIN_TCP_HEADER or n < ihl + MIN_TCP_HEADER:
-        return ParseError.TRUNCATED
+        return Malformed.TRUNCATED
     sport, dport, seq, ack, offset, flags = _TCP.unpack_from(buf, ihl)
     thl = (offset >> 4) << 2
     if thl < MIN_TCP_HEADER:
-        return ParseError.BAD_TCP_HEADER
+        return Malformed.BAD_TCP_HEADER
     end = ihl + thl
     if end > total or end > n:
-        return ParseError.TRUNCATED
+        return Malformed.TRUNCATED
     if total > n:
-        return ParseError.TOO_LONG
+        return Malformed.TOO_LONG
     if total < n:
-        return ParseError.BAD_LENGTH
-    return (ihl, src, dst, sport, dport, seq, ack, flags, thl, total - end)
+        return Malformed.BAD_LENGTH
+    return Parsed(ihl, src, dst, sport, dport, seq, ack, flags, thl, total - end)
 
 
 def flow_key(src: bytes, dst: bytes, sport: int, dport: int) -> bytes:
     """The 12-byte key of one direction of a flow: src addr, dst addr, sport, dport, as on the wire.
 
-    For a packet without IP options these are exactly bytes 12..24, so the hot paths read the key with one
+    For a packet without IP options these are exactly bytes 12..24, so the fast path reads the key with one
     ``struct`` field instead of building it.
     """
     return src + dst + _PORT_PAIR.pack(sport, dport)

@@ -1,16 +1,26 @@
-"""The passthrough (full NAT) decision for one queued packet: which verdict, and the rewrite done in place.
+"""The passthrough (full NAT) decision for one queued packet: the verdict, the rewritten bytes, the counts.
 
-``ingress`` takes client -> VIP packets and rewrites them to ``LB addr:eport -> server:sport``; ``egress``
-takes server -> ``LB addr:eport`` packets and rewrites them to ``VIP:vport -> client:cport``. Both return a
-``Verdict``; ACCEPT means the buffer (possibly rewritten) must go back with ``set_payload`` and an accept.
-Resets the I/O edge must send afterwards (raw socket, IP_HDRINCL) collect in ``rst_out``; the edge clears it.
-Nothing here raises into the queue loop: an unexpected exception is counted in ``errors`` and gives DROP.
+Two directions: client -> VIP packets are rewritten to ``LB addr:eport -> server:sport``; return packets
+(server -> ``LB addr:eport``) to ``VIP:vport -> client:cport``. ``decide(payload, now)`` is the queue edge's
+one entry point: it tells the directions apart, answers the rewritten bytes (accept) or None (drop), counts,
+and never raises. Resets the edge must send afterwards (raw socket, IP_HDRINCL) collect in ``rst_out``; the
+edge clears it. ``ingress`` and ``ret`` decide one direction, in place on a bytearray, and return a
+``Verdict``.
 
-Decisions, ingress:
+The direction: a packet whose flow key (src, dst, sport, dport) is a flow's forward key is a client packet;
+then one whose key is a flow's return key is a return packet; any other packet is a client packet when its
+destination is a VIP (``vips``) and a return packet otherwise (a malformed packet the same way, by its raw
+destination bytes). So a flow's packets keep flowing while its VIP leaves ``vips`` (on reload).
 
-- Malformed packets (every ``ipv4.ParseError``) are dropped and counted: ``fragment``, ``too_long`` (the
-  queue's copy was cut; never ``set_payload`` a cut copy), everything else ``malformed`` (by code in
-  ``parse_errors``). Packets with IP options are handled like any other and counted in ``ip_options``.
+Every packet lands in one verdict counter and every drop in one reason counter (``convey.packet.counters``).
+The common packet takes the fast path (``convey.packet.fastpath``); the rest the full path here, which parses
+with ``ipv4.parse`` and decides as follows.
+
+Client packets:
+
+- Malformed (``ipv4.Malformed``): dropped and counted: ``fragment``, ``too_long`` (the queue's copy was cut;
+  never ``set_payload`` a cut copy), everything else ``malformed`` (by kind in ``parse_errors``). Packets with
+  IP options are handled like any other and counted in ``ip_options``.
 - Known flow: rewritten and accepted; payload bytes counted; FIN both ways or a RST starts the flow's linger.
 - A SYN (without ACK, RST or FIN) of a new flow to a VIP: the frontend's ``choose`` picks a server from the
   flow hash of the client tuple, the port allocator an (LB addr, eport), and the flow is created with both
@@ -23,36 +33,30 @@ Decisions, ingress:
   and answered with a RST (RFC 793 reset generation: seq = its ACK) unless it is a RST itself or
   ``rst_unknown`` is off. That is what the client would get from a host without the connection, and it fails
   fast instead of retransmitting for minutes.
-- Not a VIP (``not_vip``: the rules queued something the config does not know): dropped, no RST.
+- Not a VIP (``not_vip``: ``ingress`` was given a packet the config does not know): dropped, no RST.
 
-Decisions, egress: a packet whose (server, sport, LB addr, eport) is not a flow is dropped, counted
-``wrong_server`` when some flow uses that LB addr:eport (another server, or a stale server port) and
-``unknown_return`` otherwise; no RST. The first packet back from the server makes the flow ESTABLISHED.
-
-The hot path (a packet of a known flow without SYN, FIN or RST and without IP options) reads the headers with
-one ``struct`` call, finds the flow by bytes 12..24, writes the new checksums and bytes 12..24 with two
-``pack_into`` calls and bumps a few counters: no ``parse`` tuple, no key building. Everything else takes the
-slow path, which uses ``ipv4.parse`` and ``ipv4.rewrite``; a property test checks both paths agree.
+Return packets: one whose (server, sport, LB addr, eport) is not a flow is dropped, counted ``wrong_server``
+when some flow uses that LB addr:eport (another server, or a stale server port) and ``unknown_return``
+otherwise; no RST. The first packet back from the server makes the flow ESTABLISHED.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from enum import IntEnum
 from struct import Struct
 
 from convey.balancing.schedulers import flow_hash
+from convey.packet.counters import PassthroughCounters, count_malformed
+from convey.packet.fastpath import NO_FLOWS, Packet, compile_passthrough
 from convey.packet.flows import Flow, FlowState, FlowTable, new_passthrough_flow
 from convey.packet.ipv4 import (
     ACK,
     FIN,
-    HOT_CSUM,
-    HOT_CSUM_HEAD,
-    HOT_HEADER,
     RST,
     SYN,
-    ParseError,
+    Malformed,
+    Parsed,
     addr_to_int,
     flow_key,
     parse,
@@ -89,71 +93,24 @@ RST_QUEUE_LIMIT = 256
 ACCEPT = Verdict.ACCEPT
 DROP = Verdict.DROP
 
-_read_head = HOT_HEADER.unpack_from
 _DST = Struct("!4s2xH").unpack_from  # (dst addr, dst port) of an IHL-5 IPv4/TCP packet, at offset 16
 _U16 = Struct("!H").unpack_from
-_write_head = HOT_CSUM_HEAD.pack_into
-_write_csum = HOT_CSUM.pack_into
 _CLOSING = FlowState.CLOSING
 
 
-@dataclass(slots=True)
-class PassthroughCounters:
-    """Packet-path counters. Bytes are TCP payload bytes: ``bytes_rx`` client -> server, ``bytes_tx`` back."""
-
-    ingress_accepted: int = 0
-    ingress_dropped: int = 0
-    egress_accepted: int = 0
-    egress_dropped: int = 0
-    bytes_rx: int = 0
-    bytes_tx: int = 0
-    ip_options: int = 0  # accepted (and rewritten) packets that carried IP options
-    malformed: int = 0  # parse errors other than the two below
-    fragment: int = 0
-    too_long: int = 0  # the queue's copy of the packet was cut
-    not_vip: int = 0
-    unknown_flow: int = 0  # ingress, not a SYN, no flow
-    unknown_return: int = 0  # egress, nobody uses that LB addr:eport
-    wrong_server: int = 0  # egress, that LB addr:eport belongs to a flow with another server (or port)
-    no_server: int = 0
-    table_full: int = 0
-    no_port: int = 0
-    errors: int = 0  # unexpected exceptions (bugs), each dropped the packet
-    flows_opened: int = 0
-    flows_closed: int = 0
-    rst_queued: int = 0
-    rst_overflow: int = 0  # resets not queued because ``rst_out`` was full
-
-    @property
-    def rewrites(self) -> int:
-        """Every accepted packet was rewritten."""
-        return self.ingress_accepted + self.egress_accepted
-
-    def as_dict(self) -> dict[str, int]:
-        result = asdict(self)
-        result["rewrites"] = self.rewrites
-        return result
+def _not_fast(payload: Packet, now: float) -> None:
+    """The fallback of the one-direction fast paths: None, the caller takes the full path."""
+    return None
 
 
-def queue_reset(
-    out: list[bytes],
-    limit: int,
-    src: bytes,
-    dst: bytes,
-    sport: int,
-    dport: int,
-    seq: int,
-    ack: int,
-    flags: int,
-    payload_len: int,
-) -> int:
-    """Append the RST answering that segment to ``out``: 1 if queued, 0 if none is due (it was a RST), -1 if
-    ``out`` already holds ``limit`` resets."""
-    if flags & RST:
+def queue_reset(out: list[bytes], limit: int, p: Parsed) -> int:
+    """Append the RST answering the segment ``p`` to ``out``: 1 if queued, 0 if none is due (it was a RST), -1
+    if ``out`` already holds ``limit`` resets."""
+    if p.flags & RST:
         return 0
     if len(out) >= limit:
         return -1
-    rst = reset_for(src, dst, sport, dport, seq, ack, flags, payload_len)
+    rst = reset_for(p.src, p.dst, p.sport, p.dport, p.seq, p.ack, p.flags, p.payload_len)
     if rst is None:
         return 0
     out.append(rst)
@@ -163,9 +120,14 @@ def queue_reset(
 class Passthrough:
     """Sans-I/O passthrough decisions; see the module doc. One instance per queue (not thread-safe).
 
-    ``vips`` maps (VIP addr, VIP port) to the frontend name and may be a live mapping. ``lb_addrs`` are the
-    balancer addresses used as sources towards servers; the allocator's source addresses must be among them.
+    ``vips`` maps (VIP addr, VIP port) to the frontend name and may be a live mapping or be replaced.
+    ``lb_addrs`` are the balancer addresses used as sources towards servers; the allocator's source addresses
+    must be among them. ``flows`` is fixed for the instance's life (the fast path holds its dicts).
     """
+
+    decide: Callable[[bytes, float], bytes | None]
+    """One queued packet of either direction: the bytes to accept it with (rewritten), or None to drop it. The
+    compiled fast path (``convey.packet.fastpath``) falling back to the full path; never raises."""
 
     def __init__(
         self,
@@ -193,90 +155,43 @@ class Passthrough:
         self.rst_out: list[bytes] = []
         self.counters = PassthroughCounters()
         self.refused: dict[str, int] = {}  # frontend -> clients refused (no_server, table_full, no_port)
-        self.parse_errors: dict[ParseError, int] = dict.fromkeys(ParseError, 0)
+        self.parse_errors: dict[Malformed, int] = dict.fromkeys(Malformed, 0)
         self._forward = flows.forward
         self._reverse = flows.reverse
+        counters = self.counters
+        self.decide = compile_passthrough(
+            flows.forward, flows.reverse, counters, self._decide_full, self._decide_failed
+        )
+        self._fast_ingress = compile_passthrough(flows.forward, NO_FLOWS, counters, _not_fast)
+        self._fast_ret = compile_passthrough(NO_FLOWS, flows.reverse, counters, _not_fast)
 
     # -- per packet
 
-    def decide(self, payload: bytes, now: float) -> bytes | None:
-        """One queued packet of either direction: the bytes to accept it with (rewritten), or None to drop it.
-
-        This is the one entry point of the queue edge: it tells client -> VIP packets from return packets,
-        rewrites, counts, and never raises. Resets to send afterwards collect in ``rst_out``.
-        """
-        buf = bytearray(payload)
-        try:
-            n = len(buf)
-            if n >= 24 and buf[0] == 0x45:
-                ingress = _DST(buf, 16) in self.vips
-            elif n >= 24 and buf[0] >> 4 == 4:
-                ihl = (buf[0] & 15) * 4
-                ingress = n >= ihl + 4 and (bytes(buf[16:20]), _U16(buf, ihl + 2)[0]) in self.vips
-            else:
-                ingress = True  # counted as malformed by ``ingress``
-        except Exception:
-            self.counters.errors += 1
-            self.counters.ingress_dropped += 1
-            return None
-        verdict = self.ingress(buf, now) if ingress else self.egress(buf, now)
-        return bytes(buf) if verdict else None
-
     def ingress(self, buf: bytearray, now: float) -> int:
-        """Client -> VIP packet: rewrite it towards its server in place and return the verdict."""
+        """A client -> VIP packet: rewrite it towards its server in place and return the verdict."""
         try:
-            n = len(buf)
-            if n >= 40:
-                vihl, total, frag, proto, ip_csum, key, offset, flags, tcp_csum = _read_head(buf)
-                if vihl == 0x45 and total == n and proto == 6 and not frag & 0x3FFF and not flags & 7:
-                    thl = offset >> 2 & 0x3C
-                    if 20 <= thl <= total - 20:
-                        flow = self._forward.get(key)
-                        if flow is not None:
-                            rw = flow.fwd
-                            _write_head(buf, 10, (ip_csum - rw.ip_delta) % 0xFFFF, rw.head)
-                            _write_csum(buf, 36, (tcp_csum - rw.tcp_delta) % 0xFFFF)
-                            size = total - 20 - thl
-                            flow.last_seen = now
-                            flow.fwd_packets += 1
-                            flow.fwd_bytes += size
-                            counters = self.counters
-                            counters.ingress_accepted += 1
-                            counters.bytes_rx += size
-                            return ACCEPT
-            return self._ingress_slow(buf, now)
+            out = self._fast_ingress(buf, now)
         except Exception:
             self.counters.errors += 1
             self.counters.ingress_dropped += 1
             return DROP
+        if out is None:
+            return self._ingress_full(buf, now)
+        buf[:] = out
+        return ACCEPT
 
-    def egress(self, buf: bytearray, now: float) -> int:
-        """Server -> LB addr:eport packet: rewrite it to VIP -> client in place and return the verdict."""
+    def ret(self, buf: bytearray, now: float) -> int:
+        """A return packet (server -> LB addr:eport): rewritten to VIP -> client in place; the verdict."""
         try:
-            n = len(buf)
-            if n >= 40:
-                vihl, total, frag, proto, ip_csum, key, offset, flags, tcp_csum = _read_head(buf)
-                if vihl == 0x45 and total == n and proto == 6 and not frag & 0x3FFF and not flags & 7:
-                    thl = offset >> 2 & 0x3C
-                    if 20 <= thl <= total - 20:
-                        flow = self._reverse.get(key)
-                        if flow is not None:
-                            rw = flow.ret
-                            _write_head(buf, 10, (ip_csum - rw.ip_delta) % 0xFFFF, rw.head)
-                            _write_csum(buf, 36, (tcp_csum - rw.tcp_delta) % 0xFFFF)
-                            size = total - 20 - thl
-                            flow.last_seen = now
-                            flow.ret_packets += 1
-                            flow.ret_bytes += size
-                            counters = self.counters
-                            counters.egress_accepted += 1
-                            counters.bytes_tx += size
-                            return ACCEPT
-            return self._egress_slow(buf, now)
+            out = self._fast_ret(buf, now)
         except Exception:
             self.counters.errors += 1
-            self.counters.egress_dropped += 1
+            self.counters.return_dropped += 1
             return DROP
+        if out is None:
+            return self._ret_full(buf, now)
+        buf[:] = out
+        return ACCEPT
 
     # -- housekeeping
 
@@ -286,136 +201,174 @@ class Passthrough:
         for flow in self.flows.expire(now):
             self._closed(flow, now)
 
-    # -- slow paths
+    # -- the full path
 
-    def _ingress_slow(self, buf: bytearray, now: float) -> int:
+    def _decide_full(self, payload: Packet, now: float) -> bytes | None:
+        """``decide`` for what the fast path does not take: the direction (module doc), then its path."""
+        buf = bytearray(payload)
+        try:
+            parsed = parse(buf)
+            ingress = self._is_ingress(buf, parsed)
+        except Exception:
+            self._decide_failed(payload)
+            return None
+        verdict = self._ingress_full(buf, now, parsed) if ingress else self._ret_full(buf, now, parsed)
+        return bytes(buf) if verdict else None
+
+    def _decide_failed(self, payload: Packet) -> None:
+        """An unexpected exception before the direction was known: counted, the packet dropped."""
+        self.counters.errors += 1
+        self.counters.ingress_dropped += 1
+        return None
+
+    def _is_ingress(self, buf: bytearray, parsed: Parsed | Malformed) -> bool:
+        if isinstance(parsed, Malformed):  # by the raw destination bytes, as far as they go
+            n = len(buf)
+            if n >= 24 and buf[0] == 0x45:
+                return _DST(buf, 16) in self.vips
+            if n >= 24 and buf[0] >> 4 == 4:
+                ihl = (buf[0] & 15) * 4
+                return n >= ihl + 4 and (bytes(buf[16:20]), _U16(buf, ihl + 2)[0]) in self.vips
+            return True
+        key = flow_key(parsed.src, parsed.dst, parsed.sport, parsed.dport)
+        if key in self._forward:
+            return True
+        if key in self._reverse:
+            return False
+        return (parsed.dst, parsed.dport) in self.vips
+
+    def _ingress_full(self, buf: bytearray, now: float, parsed: Parsed | Malformed | None = None) -> int:
         counters = self.counters
-        parsed = parse(buf)
-        if isinstance(parsed, ParseError):
-            self._count_parse_error(parsed)
-            counters.ingress_dropped += 1
-            return DROP
-        ihl, src, dst, sport, dport, seq, ack, flags, _, size = parsed
-        flow = self._forward.get(flow_key(src, dst, sport, dport))
-        if flow is not None and flow.state == _CLOSING and flags & (SYN | ACK | RST) == SYN:
-            self.flows.remove(flow)
-            self._closed(flow, now)
-            flow = None
-        if flow is None:
-            flow = self._open(src, dst, sport, dport, seq, ack, flags, size, now)
-            if flow is None:
+        try:
+            if parsed is None:
+                parsed = parse(buf)
+            if isinstance(parsed, Malformed):
+                count_malformed(counters, self.parse_errors, parsed)
                 counters.ingress_dropped += 1
                 return DROP
-        rw = flow.fwd
-        rewrite(buf, ihl, rw.addrs, rw.ports, rw.ip_delta, rw.tcp_delta)
-        flow.last_seen = now
-        flow.fwd_packets += 1
-        flow.fwd_bytes += size
-        if flags & RST:
-            self.flows.close(flow, now)
-        elif flags & FIN:
-            flow.fin_fwd = True
-            if flow.fin_ret:
+            flow = self._forward.get(flow_key(parsed.src, parsed.dst, parsed.sport, parsed.dport))
+            flags = parsed.flags
+            if flow is not None and flow.state == _CLOSING and flags & (SYN | ACK | RST) == SYN:
+                self.flows.remove(flow)
+                self._closed(flow, now)
+                flow = None
+            if flow is None:
+                flow = self._open(parsed, now)
+                if flow is None:
+                    counters.ingress_dropped += 1
+                    return DROP
+            rw = flow.fwd
+            rewrite(buf, parsed.ihl, rw.addrs, rw.ports, rw.ip_delta, rw.tcp_delta)
+            size = parsed.payload_len
+            flow.last_seen = now
+            flow.fwd_packets += 1
+            flow.fwd_bytes += size
+            if flags & RST:
                 self.flows.close(flow, now)
-        if ihl != 20:
-            counters.ip_options += 1
-        counters.ingress_accepted += 1
-        counters.bytes_rx += size
-        return ACCEPT
+            elif flags & FIN:
+                flow.fin_fwd = True
+                if flow.fin_ret:
+                    self.flows.close(flow, now)
+            if parsed.ihl != 20:
+                counters.ip_options += 1
+            counters.ingress_accepted += 1
+            counters.bytes_tx += size
+            return ACCEPT
+        except Exception:
+            counters.errors += 1
+            counters.ingress_dropped += 1
+            return DROP
 
-    def _open(
-        self,
-        src: bytes,
-        dst: bytes,
-        sport: int,
-        dport: int,
-        seq: int,
-        ack: int,
-        flags: int,
-        size: int,
-        now: float,
-    ) -> Flow | None:
+    def _open(self, p: Parsed, now: float) -> Flow | None:
         """A new flow for this SYN, or None after counting (and maybe queueing a RST) why not."""
         counters = self.counters
-        frontend = self.vips.get((dst, dport))
+        frontend = self.vips.get((p.dst, p.dport))
         if frontend is None:
             counters.not_vip += 1
             return None
-        if flags & (SYN | ACK | RST | FIN) != SYN:
+        if p.flags & (SYN | ACK | RST | FIN) != SYN:
             counters.unknown_flow += 1
             if self.rst_unknown:
-                self._reset(src, dst, sport, dport, seq, ack, flags, size)
+                self._reset(p)
             return None
         if self.flows.full:
             counters.table_full += 1
-            self.refused[frontend] = self.refused.get(frontend, 0) + 1
-            self._reset(src, dst, sport, dport, seq, ack, flags, size)
+            self._refuse(frontend, p)
             return None
-        choice = self.choose(frontend, flow_hash(addr_to_int(src), sport, addr_to_int(dst), dport))
+        choice = self.choose(frontend, flow_hash(addr_to_int(p.src), p.sport, addr_to_int(p.dst), p.dport))
         if choice is None:
             counters.no_server += 1
-            self.refused[frontend] = self.refused.get(frontend, 0) + 1
-            self._reset(src, dst, sport, dport, seq, ack, flags, size)
+            self._refuse(frontend, p)
             return None
         server_id, server_addr, server_port = choice
         got = self.ports.allocate(server_addr, server_port, now)
         if got is None:
             counters.no_port += 1
-            self.refused[frontend] = self.refused.get(frontend, 0) + 1
-            self._reset(src, dst, sport, dport, seq, ack, flags, size)
+            self._refuse(frontend, p)
             return None
         lb_addr, eport = got
         flow = new_passthrough_flow(
-            frontend, src, sport, dst, dport, server_id, server_addr, server_port, lb_addr, eport, now
+            frontend, p.src, p.sport, p.dst, p.dport, server_id, server_addr, server_port, lb_addr, eport, now
         )
         if not self.flows.add(flow):
             # The return key is taken: the allocator and the table disagree (a bug). Refuse the client.
             self.ports.release(lb_addr, server_addr, server_port, eport, now)
             counters.errors += 1
-            self._reset(src, dst, sport, dport, seq, ack, flags, size)
+            self._reset(p)
             return None
         counters.flows_opened += 1
         if self.on_flow_open is not None:
             try:
                 self.on_flow_open(flow)
             except Exception:
-                counters.errors += 1
+                counters.callback_errors += 1
         return flow
 
-    def _egress_slow(self, buf: bytearray, now: float) -> int:
+    def _refuse(self, frontend: str, p: Parsed) -> None:
+        """The client of ``frontend`` is turned away (the reason is counted): a RST, and ``refused``."""
+        self.refused[frontend] = self.refused.get(frontend, 0) + 1
+        self._reset(p)
+
+    def _ret_full(self, buf: bytearray, now: float, parsed: Parsed | Malformed | None = None) -> int:
         counters = self.counters
-        parsed = parse(buf)
-        if isinstance(parsed, ParseError):
-            self._count_parse_error(parsed)
-            counters.egress_dropped += 1
-            return DROP
-        ihl, src, dst, sport, dport, _, _, flags, _, size = parsed
-        flow = self._reverse.get(flow_key(src, dst, sport, dport))
-        if flow is None:
-            if self.flows.local_in_use(dst, dport):
-                counters.wrong_server += 1
+        try:
+            if parsed is None:
+                parsed = parse(buf)
+            if isinstance(parsed, Malformed):
+                count_malformed(counters, self.parse_errors, parsed)
+                counters.return_dropped += 1
+                return DROP
+            flow = self._reverse.get(flow_key(parsed.src, parsed.dst, parsed.sport, parsed.dport))
+            if flow is None:
+                if self.flows.local_in_use(parsed.dst, parsed.dport):
+                    counters.wrong_server += 1
+                else:
+                    counters.unknown_return += 1
+                counters.return_dropped += 1
+                return DROP
+            rw = flow.ret
+            rewrite(buf, parsed.ihl, rw.addrs, rw.ports, rw.ip_delta, rw.tcp_delta)
+            size, flags = parsed.payload_len, parsed.flags
+            flow.last_seen = now
+            flow.ret_packets += 1
+            flow.ret_bytes += size
+            if flags & RST:
+                self.flows.close(flow, now)
             else:
-                counters.unknown_return += 1
-            counters.egress_dropped += 1
+                self.flows.establish(flow)
+                if flags & FIN:
+                    flow.fin_ret = True
+                    if flow.fin_fwd:
+                        self.flows.close(flow, now)
+            if parsed.ihl != 20:
+                counters.ip_options += 1
+            counters.return_accepted += 1
+            counters.bytes_rx += size
+            return ACCEPT
+        except Exception:
+            counters.errors += 1
+            counters.return_dropped += 1
             return DROP
-        rw = flow.ret
-        rewrite(buf, ihl, rw.addrs, rw.ports, rw.ip_delta, rw.tcp_delta)
-        flow.last_seen = now
-        flow.ret_packets += 1
-        flow.ret_bytes += size
-        if flags & RST:
-            self.flows.close(flow, now)
-        else:
-            self.flows.establish(flow)
-            if flags & FIN:
-                flow.fin_ret = True
-                if flow.fin_fwd:
-                    self.flows.close(flow, now)
-        if ihl != 20:
-            counters.ip_options += 1
-        counters.egress_accepted += 1
-        counters.bytes_tx += size
-        return ACCEPT
 
     def _closed(self, flow: Flow, now: float) -> None:
         """Bookkeeping for a flow that left the table: its port goes back, the engine hears of it."""
@@ -425,22 +378,11 @@ class Passthrough:
             try:
                 self.on_flow_close(flow)
             except Exception:
-                self.counters.errors += 1
+                self.counters.callback_errors += 1
 
-    def _reset(
-        self, src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int, size: int
-    ) -> None:
-        queued = queue_reset(self.rst_out, RST_QUEUE_LIMIT, src, dst, sport, dport, seq, ack, flags, size)
+    def _reset(self, p: Parsed) -> None:
+        queued = queue_reset(self.rst_out, RST_QUEUE_LIMIT, p)
         if queued > 0:
             self.counters.rst_queued += 1
         elif queued < 0:
             self.counters.rst_overflow += 1
-
-    def _count_parse_error(self, error: ParseError) -> None:
-        self.parse_errors[error] += 1
-        if error == ParseError.FRAGMENT:
-            self.counters.fragment += 1
-        elif error == ParseError.TOO_LONG:
-            self.counters.too_long += 1
-        else:
-            self.counters.malformed += 1

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, IPOption_Router_Alert
 
 from convey.balancing.schedulers import flow_hash
+from convey.modes import Rewrite
 from convey.packet.dsr import Dsr
 from convey.packet.flows import Flow, FlowState, FlowTable
 from convey.packet.ipv4 import addr_to_bytes
@@ -44,7 +45,7 @@ def packet(
 class Env:
     def __init__(
         self,
-        rewrite: str = "ip",
+        rewrite: Rewrite = Rewrite.IP,
         healthy: tuple[str, ...] = ("web1", "web2"),
         capacity: int = 100,
         marks: dict[str, int] | None = None,
@@ -100,7 +101,7 @@ def test_ip_rewrites_destination_keeps_client_source() -> None:
     pkt = check(data)
     assert tuple_of(pkt) == (CLIENT, S2, cport, 8080) and bytes(pkt[TCP].payload) == b"q" * 321
     c = env.dsr.counters
-    assert (c.accepted, c.rewrites, c.bytes_rx, c.flows_seen) == (3, 3, 321, 1)
+    assert (c.accepted, c.rewrites, c.bytes_tx, c.flows_opened) == (3, 3, 321, 1)
     assert env.flows.per_server() == {"web2": 1}
     flow = env.opened[0]
     assert (flow.fwd_packets, flow.fwd_bytes) == (3, 321)
@@ -164,7 +165,7 @@ def test_rst_closes_and_unknown_rst_is_forwarded_unpinned() -> None:
     rst = packet(other, "RA", 5, 5)
     assert env.dsr.ingress(rst, 0.5) == (ACCEPT, 0)
     assert check(rst).dst == S2
-    assert len(env.flows) == 1 and env.dsr.counters.flows_seen == 1
+    assert len(env.flows) == 1 and env.dsr.counters.flows_opened == 1
 
 
 def test_syn_on_a_closing_flow_opens_a_new_one() -> None:
@@ -207,7 +208,7 @@ def test_full_table_forwards_unpinned() -> None:
     second = packet(40001, "S", 1)
     assert env.dsr.ingress(second, 0.0)[0] == ACCEPT
     assert check(second).dst in (S1, S2)
-    assert env.dsr.counters.table_full == 1 and len(env.flows) == 1
+    assert env.dsr.counters.unpinned == 1 and len(env.flows) == 1
 
 
 def test_not_a_vip_and_malformed_are_dropped() -> None:
@@ -238,7 +239,7 @@ def test_unknown_rewrite_flavour_is_refused() -> None:
 
 
 def test_mac_leaves_the_packet_alone_and_returns_the_mark() -> None:
-    env = Env("mac")
+    env = Env(Rewrite.MAC)
     (cport,) = ports_for("web2")
     for flags, t in (("S", 0.0), ("A", 0.1), ("PA", 0.2)):
         raw = packet(cport, flags, 1, 1, b"data" if flags == "PA" else b"")
@@ -246,12 +247,12 @@ def test_mac_leaves_the_packet_alone_and_returns_the_mark() -> None:
         assert env.dsr.ingress(raw, t) == (ACCEPT, MARKS["web2"])
         assert bytes(raw) == original
     c = env.dsr.counters
-    assert (c.accepted, c.rewrites, c.bytes_rx) == (3, 0, 4)
+    assert (c.accepted, c.rewrites, c.bytes_tx) == (3, 0, 4)
     assert env.opened[0].fwmark == MARKS["web2"] and env.opened[0].state == FlowState.ESTABLISHED
 
 
 def test_mac_server_without_mark_is_dropped() -> None:
-    env = Env("mac", marks={"web1": 0x101})
+    env = Env(Rewrite.MAC, marks={"web1": 0x101})
     (cport,) = ports_for("web2")
     assert env.dsr.ingress(packet(cport, "S", 1), 0.0) == (DROP, 0)
     assert env.dsr.counters.no_mark == 1 and len(env.flows) == 0
@@ -259,7 +260,7 @@ def test_mac_server_without_mark_is_dropped() -> None:
 
 def test_mac_pinned_flow_keeps_its_mark_after_a_restart_by_hash() -> None:
     (cport,) = ports_for("web1")
-    env = Env("mac")
+    env = Env(Rewrite.MAC)
     assert env.dsr.ingress(packet(cport, "A", 5, 5), 0.0) == (ACCEPT, MARKS["web1"])
     assert env.dsr.counters.rescheduled == 1
 
@@ -284,28 +285,28 @@ def _mutate(raw: bytearray, rng: random.Random) -> bytearray:
 
 @settings(max_examples=300, deadline=None)
 @given(
-    st.integers(0, 2**32 - 1), st.sampled_from(["ip", "mac"]), st.sampled_from(["A", "PA", "S", "FA", "R"])
+    st.integers(0, 2**32 - 1), st.sampled_from(list(Rewrite)), st.sampled_from(["A", "PA", "S", "FA", "R"])
 )
-def test_mutated_packets_never_raise_and_fast_path_equals_slow_path(
-    seed: int, flavour: str, flags: str
+def test_mutated_packets_never_raise_and_fast_path_equals_full_path(
+    seed: int, flavour: Rewrite, flags: str
 ) -> None:
     rng = random.Random(seed)
-    fast, slow = Env(flavour), Env(flavour)
-    for env in (fast, slow):
+    fast, full = Env(flavour), Env(flavour)
+    for env in (fast, full):
         env.dsr.ingress(packet(40001, "S", 1), 0.0)
         env.dsr.ingress(packet(40001, "A", 2, 2), 0.0)
     raw = packet(40001, flags, 2, 2, rng.randbytes(rng.randrange(60)))
     mutated = _mutate(raw, rng) if rng.random() < 0.8 else raw
     a, b = bytearray(mutated), bytearray(mutated)
-    assert fast.dsr.ingress(a, 1.0) == slow.dsr._slow(b, 1.0)
+    assert fast.dsr.ingress(a, 1.0) == full.dsr._full(b, 1.0)
     assert a == b
-    assert fast.dsr.counters == slow.dsr.counters and fast.dsr.counters.errors == 0
-    assert fast.dsr.rst_out == slow.dsr.rst_out
+    assert fast.dsr.counters == full.dsr.counters and fast.dsr.counters.errors == 0
+    assert fast.dsr.rst_out == full.dsr.rst_out
 
 
 @settings(max_examples=200)
-@given(st.binary(max_size=100), st.sampled_from(["ip", "mac"]))
-def test_random_bytes_never_raise(data: bytes, flavour: str) -> None:
+@given(st.binary(max_size=100), st.sampled_from(list(Rewrite)))
+def test_random_bytes_never_raise(data: bytes, flavour: Rewrite) -> None:
     env = Env(flavour)
     verdict, mark = env.dsr.ingress(bytearray(data), 0.0)
     assert verdict in (ACCEPT, DROP) and isinstance(mark, int)

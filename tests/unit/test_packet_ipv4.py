@@ -17,7 +17,8 @@ from convey.packet.ipv4 import (
     PSH,
     RST,
     SYN,
-    ParseError,
+    Malformed,
+    Parsed,
     addr_from_int,
     addr_to_bytes,
     addr_to_int,
@@ -58,9 +59,13 @@ assert_checksums_valid = check
 def test_parse_fields_match_scapy() -> None:
     raw = packet(flags="PA", seq=123456789, ack=987654321, payload=b"x" * 77, tcp_options=[("MSS", 1460)])
     parsed = parse(raw)
-    assert not isinstance(parsed, ParseError)
+    assert not isinstance(parsed, Malformed)
+    assert isinstance(parsed, Parsed)
     ihl, src, dst, sport, dport, seq, ack, flags, thl, size = parsed
     assert (ihl, thl, size) == (20, 24, 77)
+    assert (parsed.ihl, parsed.tcp_header_len, parsed.payload_len) == (20, 24, 77)
+    assert (parsed.src, parsed.dst, parsed.sport, parsed.dport) == (src, dst, 40001, 80)
+    assert (parsed.seq, parsed.ack, parsed.flags) == (123456789, 987654321, PSH | ACK)
     assert (bytes_to_addr(src), bytes_to_addr(dst), sport, dport) == (CLIENT, VIP, 40001, 80)
     assert (seq, ack, flags) == (123456789, 987654321, PSH | ACK)
 
@@ -68,15 +73,15 @@ def test_parse_fields_match_scapy() -> None:
 def test_parse_accepts_ip_options_and_reports_the_ihl() -> None:
     raw = packet(ip_options=[IPOption_Router_Alert()], payload=b"abc")
     parsed = parse(raw)
-    assert not isinstance(parsed, ParseError)
-    assert parsed[0] == 24
-    assert parsed[3:5] == (40001, 80)
-    assert parsed[9] == 3
+    assert not isinstance(parsed, Malformed)
+    assert parsed.ihl == 24
+    assert (parsed.sport, parsed.dport) == (40001, 80)
+    assert parsed.payload_len == 3
 
 
 def test_parse_allows_df() -> None:
     raw = bytes(IP(src=CLIENT, dst=VIP, flags="DF") / TCP())
-    assert not isinstance(parse(bytearray(raw)), ParseError)
+    assert not isinstance(parse(bytearray(raw)), Malformed)
 
 
 def _with(raw: bytearray, offset: int, fmt: str, value: int) -> bytearray:
@@ -88,53 +93,53 @@ def _with(raw: bytearray, offset: int, fmt: str, value: int) -> bytearray:
 @pytest.mark.parametrize(
     ("make", "error"),
     [
-        (lambda: bytearray(19), ParseError.TRUNCATED),
-        (lambda: packet()[:30], ParseError.TRUNCATED),  # TCP header cut
-        (lambda: _with(packet(), 0, "!B", 0x65), ParseError.BAD_VERSION),
-        (lambda: bytearray(bytes(packet())).replace(b"\x45", b"\x60", 1), ParseError.BAD_VERSION),
-        (lambda: _with(packet(), 0, "!B", 0x44), ParseError.BAD_IHL),
-        (lambda: _with(packet(), 0, "!B", 0x4F), ParseError.TRUNCATED),  # IHL 60 > 40 bytes
-        (lambda: bytearray(bytes(IP(src=CLIENT, dst=VIP, proto=17) / (b"\x00" * 20))), ParseError.NOT_TCP),
-        (lambda: bytearray(bytes(IP(src=CLIENT, dst=VIP, flags="MF") / TCP())), ParseError.FRAGMENT),
+        (lambda: bytearray(19), Malformed.TRUNCATED),
+        (lambda: packet()[:30], Malformed.TRUNCATED),  # TCP header cut
+        (lambda: _with(packet(), 0, "!B", 0x65), Malformed.BAD_VERSION),
+        (lambda: bytearray(bytes(packet())).replace(b"\x45", b"\x60", 1), Malformed.BAD_VERSION),
+        (lambda: _with(packet(), 0, "!B", 0x44), Malformed.BAD_IHL),
+        (lambda: _with(packet(), 0, "!B", 0x4F), Malformed.TRUNCATED),  # IHL 60 > 40 bytes
+        (lambda: bytearray(bytes(IP(src=CLIENT, dst=VIP, proto=17) / (b"\x00" * 20))), Malformed.NOT_TCP),
+        (lambda: bytearray(bytes(IP(src=CLIENT, dst=VIP, flags="MF") / TCP())), Malformed.FRAGMENT),
         (
             lambda: bytearray(bytes(IP(src=CLIENT, dst=VIP, frag=100, proto=6) / (b"\x00" * 8))),
-            ParseError.FRAGMENT,
+            Malformed.FRAGMENT,
         ),
-        (lambda: _with(packet(), 2, "!H", 39), ParseError.TRUNCATED),  # total length < IHL + 20
-        (lambda: _with(packet(), 32, "!B", 0x40), ParseError.BAD_TCP_HEADER),  # data offset 4
-        (lambda: _with(packet(), 32, "!B", 0x60), ParseError.TRUNCATED),  # data offset beyond the packet
-        (lambda: _with(packet(payload=b"x" * 100), 2, "!H", 5000)[:140], ParseError.TOO_LONG),  # cut copy
-        (lambda: packet() + b"\x00\x00", ParseError.BAD_LENGTH),  # trailing bytes
-        (lambda: bytearray(), ParseError.TRUNCATED),
+        (lambda: _with(packet(), 2, "!H", 39), Malformed.TRUNCATED),  # total length < IHL + 20
+        (lambda: _with(packet(), 32, "!B", 0x40), Malformed.BAD_TCP_HEADER),  # data offset 4
+        (lambda: _with(packet(), 32, "!B", 0x60), Malformed.TRUNCATED),  # data offset beyond the packet
+        (lambda: _with(packet(payload=b"x" * 100), 2, "!H", 5000)[:140], Malformed.TOO_LONG),  # cut copy
+        (lambda: packet() + b"\x00\x00", Malformed.BAD_LENGTH),  # trailing bytes
+        (lambda: bytearray(), Malformed.TRUNCATED),
     ],
 )
-def test_parse_rejects_each_malformed_kind(make: object, error: ParseError) -> None:
+def test_parse_rejects_each_malformed_kind(make: object, error: Malformed) -> None:
     assert callable(make)
     assert parse(make()) == error
 
 
 def test_too_long_is_what_a_cut_netfilterqueue_copy_looks_like() -> None:
     raw = packet(payload=b"y" * 8000)
-    assert parse(raw[:4016]) == ParseError.TOO_LONG
-    assert not isinstance(parse(raw), ParseError)
+    assert parse(raw[:4016]) == Malformed.TOO_LONG
+    assert not isinstance(parse(raw), Malformed)
 
 
 @given(st.binary(max_size=120))
 def test_parse_never_raises(data: bytes) -> None:
     result = parse(bytearray(data))
-    assert isinstance(result, ParseError | tuple)
+    assert isinstance(result, Malformed | Parsed)
 
 
 def test_hot_header_agrees_with_parse_and_flow_key() -> None:
     raw = packet(flags="A", payload=b"hello")
     vihl, total, frag, proto, ip_csum, key, offset, flags, tcp_csum = HOT_HEADER.unpack_from(raw)
     parsed = parse(raw)
-    assert not isinstance(parsed, ParseError)
-    assert key == flow_key(parsed[1], parsed[2], parsed[3], parsed[4]) == bytes(raw[12:24])
+    assert not isinstance(parsed, Malformed)
+    assert key == flow_key(parsed.src, parsed.dst, parsed.sport, parsed.dport) == bytes(raw[12:24])
     assert (vihl, total, frag, proto, flags) == (0x45, len(raw), 0, 6, ACK)
     assert ip_csum == IP(bytes(raw)).chksum
     assert tcp_csum == IP(bytes(raw))[TCP].chksum
-    assert (offset >> 4) * 4 == parsed[8]
+    assert (offset >> 4) * 4 == parsed.tcp_header_len
 
 
 # -- rewrite
@@ -173,8 +178,8 @@ def test_rewrite_gives_valid_checksums_and_the_new_fields(
     options = [IPOption_Router_Alert(), IPOption_NOP(), IPOption_NOP(), IPOption_NOP(), IPOption_NOP()]
     raw = packet(src, dst, sport, dport, flags, 42, 43, payload, options if with_options else None)
     parsed = parse(raw)
-    assert not isinstance(parsed, ParseError)
-    ihl = parsed[0]
+    assert not isinstance(parsed, Malformed)
+    ihl = parsed.ihl
     old_key = flow_key(addr_to_bytes(src), addr_to_bytes(dst), sport, dport)
     new_key = flow_key(addr_to_bytes(new_src), addr_to_bytes(new_dst), new_sport, new_dport)
     rewrite(raw, ihl, new_key[:8], new_key[8:], delta(old_key[:8], new_key[:8]), delta(old_key, new_key))
