@@ -12,19 +12,19 @@ import concurrent.futures
 import logging
 import signal
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from convey.balancing.pool import Pool
 from convey.config import Config, ConfigError
 from convey.errors import StartupError
 from convey.health import HealthChecker
+from convey.modes import Mode
 from convey.reload import ConfigWatcher
 from convey.stats import Stats, snapshot
 from convey.web import StatsServer
 
 log = logging.getLogger("convey.engine")
-
-MODES = ("proxy", "passthrough", "dsr")
 
 
 class DataPlane(Protocol):
@@ -33,28 +33,36 @@ class DataPlane(Protocol):
     async def stop(self, timeout: float) -> None: ...
 
 
-def build_plane(mode: str, pools: dict[str, Pool], stats: Stats, options: dict[str, Any]) -> DataPlane:
-    if mode == "proxy":
+def _packet_planes() -> dict[Mode, Callable[..., DataPlane]]:
+    from convey.dataplane.dsr_plane import DsrPlane
+    from convey.dataplane.passthrough_plane import PassthroughPlane
+
+    return {Mode.PASSTHROUGH: PassthroughPlane, Mode.DSR: DsrPlane}
+
+
+def build_plane(mode: Mode, pools: dict[str, Pool], stats: Stats, options: dict[str, Any]) -> DataPlane:
+    if mode is Mode.PROXY:
         from convey.proxy.listeners import ProxyPlane
 
         return ProxyPlane(pools, stats)
-    if mode in ("passthrough", "dsr"):
-        try:
-            from convey.dataplane.packet_plane import PacketPlane
-        except ImportError as exc:
-            raise StartupError(f"{mode} mode is not available: {exc}") from None
-        return PacketPlane(mode, pools, stats, **options)
-    raise StartupError(f"unknown mode {mode!r} (modes: {', '.join(MODES)})")
+    try:
+        planes = _packet_planes()
+    except ImportError as exc:
+        raise StartupError(f"{mode} mode is not available: {exc}") from None
+    return planes[mode](pools, stats, **options)
 
 
 class Engine:
-    def __init__(self, config: Config, mode: str, watch: bool = True, **options: Any) -> None:
+    def __init__(self, config: Config, mode: Mode | str, watch: bool = True, **options: Any) -> None:
+        try:
+            self.mode = Mode(mode)
+        except ValueError:
+            raise StartupError(f"unknown mode {mode!r} (modes: {', '.join(Mode)})") from None
         self.config = config
-        self.mode = mode
         self.watch = watch
-        self.stats = Stats(mode=mode, started=time.time())
-        self.pools: dict[str, Pool] = {name: Pool(b, mode) for name, b in config.backends.items()}
-        self.plane = build_plane(mode, self.pools, self.stats, options)
+        self.stats = Stats(mode=self.mode, started=time.time())
+        self.pools: dict[str, Pool] = {name: Pool(b, self.mode) for name, b in config.backends.items()}
+        self.plane = build_plane(self.mode, self.pools, self.stats, options)
         self.health = HealthChecker(self.pools)
         self.watcher: ConfigWatcher | None = None
         self.web: StatsServer | None = None

@@ -3,8 +3,9 @@
 Sans-I/O: the data planes bump plain integer counters; ``snapshot`` turns them and the pools' state into one JSON-able
 dict, a superset of the original convey's /stats document.
 
-Byte directions, as seen from the balancer: ``bytes_rx`` is what clients sent (client -> server), ``bytes_tx`` what
-was sent back to clients (server -> client). In packet modes they count TCP payload bytes.
+Byte directions, as the original convey counts them: ``bytes_tx`` is what the clients sent towards the servers
+(client -> server), ``bytes_rx`` what came back from the servers (server -> client). In packet modes they count TCP
+payload bytes; in DSR the replies bypass the balancer, so ``bytes_rx`` stays 0.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ class Counters:
 
     total_connections: int = 0
     current_connections: int = 0
-    bytes_tx: int = 0
-    bytes_rx: int = 0
+    bytes_tx: int = 0  # client -> server
+    bytes_rx: int = 0  # server -> client
     refused: int = 0  # no healthy server, or no resource (table full, no port): the client was turned away
     failed: int = 0  # a server could not be reached
 

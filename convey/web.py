@@ -25,8 +25,8 @@ Snapshot = Callable[[], dict[str, Any]]
 
 _COUNTERS = {
     "total_connections": "Connections accepted",
-    "bytes_rx": "Bytes received from clients (client -> server)",
-    "bytes_tx": "Bytes sent to clients (server -> client)",
+    "bytes_tx": "Bytes from the clients towards the servers (client -> server)",
+    "bytes_rx": "Bytes from the servers back to the clients (server -> client)",
     "refused": "Connections refused: no healthy server or no resource",
     "failed": "Connection attempts to servers that failed",
 }
@@ -120,12 +120,12 @@ def render_page(doc: dict[str, Any]) -> str:
                 f"<tr><td>{e(backend)}</td><td>{e(server)}</td><td>{e(d['addr'])}</td>"
                 f"<td style='color:{colour};font-weight:bold'>{e(state)}</td><td>{d['weight']}</td>"
                 f"<td>{d['current_connections']}</td><td>{d['total_connections']}</td>"
-                f"<td>{d['bytes_rx']}</td><td>{d['bytes_tx']}</td><td>{d['failed']}</td>"
+                f"<td>{d['bytes_tx']}</td><td>{d['bytes_rx']}</td><td>{d['failed']}</td>"
                 f"<td>{e(d['last_check_error'] or '')}</td></tr>"
             )
     fronts = "".join(
         f"<tr><td>{e(n)}</td><td>{e(b['backend'])}</td><td>{b['current_connections']}</td>"
-        f"<td>{b['total_connections']}</td><td>{b['refused']}</td><td>{b['bytes_rx']}</td><td>{b['bytes_tx']}</td></tr>"
+        f"<td>{b['total_connections']}</td><td>{b['refused']}</td><td>{b['bytes_tx']}</td><td>{b['bytes_rx']}</td></tr>"
         for n, b in doc["frontends"].items()
     )
     extra = ""
@@ -137,12 +137,12 @@ def render_page(doc: dict[str, Any]) -> str:
 table{{border-collapse:collapse}}tr:nth-child(even){{background:#f3f3f3}}</style></head><body>
 <h1>convey ({e(str(doc["mode"]))} mode)</h1>
 <p>up {doc["uptime_seconds"]:.0f}s &middot; connections: {doc["current_connections"]} open,
-{doc["total_connections"]} total, {doc["refused"]} refused &middot; bytes from clients {doc["bytes_rx"]},
-to clients {doc["bytes_tx"]} &middot; reloads {doc["reloads"]} (failed {doc["reload_failures"]})</p>
+{doc["total_connections"]} total, {doc["refused"]} refused &middot; bytes from clients {doc["bytes_tx"]},
+to clients {doc["bytes_rx"]} &middot; reloads {doc["reloads"]} (failed {doc["reload_failures"]})</p>
 <h2>Frontends</h2><table><tr><th>frontend</th><th>backend</th><th>open</th><th>total</th><th>refused</th>
-<th>bytes in</th><th>bytes out</th></tr>{fronts}</table>
+<th>bytes tx (from clients)</th><th>bytes rx (to clients)</th></tr>{fronts}</table>
 <h2>Servers</h2><table><tr><th>backend</th><th>server</th><th>address</th><th>state</th><th>weight</th><th>open</th>
-<th>total</th><th>bytes in</th><th>bytes out</th><th>failed</th><th>last check error</th></tr>{"".join(rows)}</table>
+<th>total</th><th>bytes tx</th><th>bytes rx</th><th>failed</th><th>last check error</th></tr>{"".join(rows)}</table>
 {extra}<p><a href="/stats">/stats</a> &middot; <a href="/metrics">/metrics</a></p></body></html>"""
 
 

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from convey.errors import StartupError
+
 log = logging.getLogger("convey.nfqueue")
 
 MAX_COPY = 4016
@@ -44,8 +46,7 @@ class Batch:
     While the batch lasts, ``recv`` is the socket's own (a C call: nothing of ours runs between packets). The
     callback counts ``left`` down and calls ``end`` at 0, which swaps in a ``recv`` that says EAGAIN: that ends
     ``run_socket``, the socket stays readable and the loop comes back to it after its other ready callbacks.
-    A callback given its ``Batch`` counts inline (the passthrough handler does: measured, a Python ``recv``
-    wrapper that counted cost ~0.7 us per packet, ~20%); ``QueueBinding`` wraps any other callback to count.
+    The callback counts inline (measured: a Python ``recv`` wrapper that counted cost ~0.7 us per packet, ~20%).
     """
 
     __slots__ = ("_sock_recv", "left", "recv", "size")
@@ -68,51 +69,37 @@ class Batch:
 
 
 class QueueBinding:
-    """One bound queue. ``callback(packet)`` must give every packet a verdict and never raise. With ``batch``,
-    the callback counts that batch down itself (see ``Batch``); without, the binding wraps it to count."""
+    """One bound queue. ``callback(packet)`` must give every packet a verdict, never raise, and count ``batch``
+    down itself (see ``Batch``)."""
 
-    def __init__(self, queue_num: int, callback: Callable[[Any], None], batch: Batch | None = None) -> None:
+    def __init__(self, queue_num: int, callback: Callable[[Any], None], batch: Batch) -> None:
         self.queue_num = queue_num
         self.callback = callback
-        self.batch = batch if batch is not None else Batch()
-        self._counts_itself = batch is not None
+        self.batch = batch
         self._nfq: Any = None
         self._fd: int | None = None
         self._sock: socket.socket | None = None
         self.read_errors = 0
 
-    def _counting(self) -> Callable[[Any], None]:
-        callback, batch = self.callback, self.batch
-
-        def counted(pkt: Any) -> None:
-            try:
-                callback(pkt)
-            finally:
-                left = batch.left - 1
-                batch.left = left
-                if left <= 0:
-                    batch.end()
-
-        return counted
-
     def start(self) -> None:
         try:
             from netfilterqueue import NetfilterQueue
-        except ImportError as exc:
-            raise RuntimeError(
+        except ImportError:
+            raise StartupError(
                 "the netfilterqueue package is missing: pip install 'convey[packet]' "
                 "(it needs the Debian package libnetfilter-queue-dev to build)"
-            ) from exc
+            ) from None
         nfq = NetfilterQueue()
         try:
             import warnings
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)  # rcvbuf capped by net.core.rmem_max: fine
-                callback = self.callback if self._counts_itself else self._counting()
-                nfq.bind(self.queue_num, callback, max_len=QUEUE_MAXLEN, range=MAX_COPY, sock_len=SOCK_RCVBUF)
+                nfq.bind(
+                    self.queue_num, self.callback, max_len=QUEUE_MAXLEN, range=MAX_COPY, sock_len=SOCK_RCVBUF
+                )
         except OSError as exc:
-            raise RuntimeError(
+            raise StartupError(
                 f"cannot bind NFQUEUE {self.queue_num}: {exc} (needs root / CAP_NET_ADMIN; is another convey "
                 "bound to this queue?)"
             ) from None

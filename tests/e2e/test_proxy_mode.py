@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -113,6 +114,46 @@ def test_weights_reload_health_stats_end_to_end(
 
     assert lb.stop() == 0
     assert "event=stopped" in lb.logs()
+
+
+def exchange(addr: str, request: bytes, timeout: float = 10.0) -> tuple[int, int]:
+    """Send ``request`` on a fresh connection, read until the server closes: (bytes sent, bytes received)."""
+    host, port = addr.rsplit(":", 1)
+    received = 0
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(request)
+        while chunk := s.recv(1 << 16):
+            received += len(chunk)
+    return len(request), received
+
+
+def test_bytes_tx_counts_client_to_server_and_bytes_rx_the_replies(
+    tmp_path: Path, servers: Callable[..., HttpServer], convey_proc: Callable[..., Convey]
+) -> None:
+    """The original convey's directions: ``bytes_tx`` what the clients sent, ``bytes_rx`` what came back, exact at
+    every level. An upload and a download of known, different sizes make the two directions unmistakable."""
+    a = servers("a")
+    port, sport = free_port(), free_port()
+    vip = f"127.0.0.1:{port}"
+    cfg = write_config(tmp_path / "c.toml", {"a": (a.addr, 1)}, port, sport)
+    convey_proc(cfg)
+    wait_for(lambda: stats(sport)["backends"]["pool"]["servers"][a.addr], 10, "server a up")
+    up_size, down_size = 400_000, 150_000
+    upload = (
+        f"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: {up_size}\r\n\r\n".encode() + b"u" * up_size
+    )
+    sent_up, received_up = exchange(vip, upload)
+    sent_down, received_down = exchange(vip, f"GET /bytes/{down_size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert received_up < 300 and sent_down < 100 and received_down > down_size  # the server answered both
+    sent, received = sent_up + sent_down, received_up + received_down
+    doc = wait_for(
+        lambda: (d := stats(sport))["current_connections"] == 0 and d, 5, "connections to close in /stats"
+    )
+    assert (doc["total_bytes_tx"], doc["total_bytes_rx"]) == (sent, received)
+    pool = doc["backends"]["pool"]
+    for scope in (doc, doc["frontends"]["web"], pool, pool["server_detail"]["a"]):
+        assert (scope["bytes_tx"], scope["bytes_rx"]) == (sent, received)
+        assert scope["total_connections"] == 2
 
 
 def test_reload_adds_and_removes_frontends(

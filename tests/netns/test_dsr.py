@@ -1,6 +1,6 @@
 """DSR end to end: the real ``convey --dsr`` in a balancer namespace, servers prepared with the setup script.
 
-Topologies (tests/netns/dsr_demo.py): ``l2`` (one bridge; both flavours) and ``routed`` with a return router
+Topologies (testbed/dsr.py): ``l2`` (one bridge; both flavours) and ``routed`` with a return router
 (``rewrite = "ip"`` only), where replies go server -> gw -> client and cannot enter the balancer's namespace.
 Each test asserts that the reply bytes never crossed the balancer: its interfaces' receive counters grow by
 the client's ACKs only, and on L2 a capture at the client shows every reply frame coming from a server's MAC.
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.convey_proc import ConveyProcess
-from tests.netns.dsr_demo import (
+from testbed.bed import Testbed
+from testbed.convey_proc import ConveyProcess
+from testbed.dsr import (
     VIP_PORT,
     add_return_router,
     capture,
@@ -34,8 +35,9 @@ from tests.netns.dsr_demo import (
     start_servers,
     unprepare_servers,
 )
-from tests.netns.httpd import payload_sha256
-from tests.netns.testbed import HttpServer, Testbed, wait_until
+from testbed.httpd import payload_sha256
+from testbed.httpd_proc import HttpServer
+from testbed.process import wait_until
 
 BIG = 50_000_000
 WEIGHTS = [1, 3]
@@ -123,6 +125,12 @@ def test_dsr_spreads_by_weight_and_replies_bypass_the_balancer(any_dsr_bed: DsrB
         assert set(per_server) <= {"web_servers/s0", "web_servers/s1"}, per_server
         if rewrite == "mac":
             assert verdicts["no_mark"] == 0  # the marks the plane sets are the ones the rules route
+        # bytes_tx: the requests (client -> server); bytes_rx (server -> client) stays 0: replies bypass us
+        backend = doc["backends"]["web_servers"]
+        for scope in (doc, doc["frontends"]["web"], backend, *backend["server_detail"].values()):
+            assert scope["bytes_rx"] == 0, scope
+        assert 0 < doc["bytes_tx"] < BIG // 100 and doc["bytes_tx"] == backend["bytes_tx"]
+        assert "bytes_rx" in doc["dsr"]["unknown"]
         lb.stop()
 
 

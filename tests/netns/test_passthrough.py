@@ -1,5 +1,5 @@
 """Passthrough mode end to end: the real ``convey --passthrough`` in the balancer namespace of a routed test bed,
-real clients in the client namespace, real servers (tests/netns/httpd.py) behind it, the real kernel path
+real clients in the client namespace, real servers (testbed/httpd.py) behind it, the real kernel path
 (iptables raw PREROUTING -> NFQUEUE -> rewrite -> routing). Root only.
 
 Every exchange is checked end to end (which server answered, the source address it saw, byte counts, sha256)
@@ -26,9 +26,12 @@ from typing import Any
 
 import pytest
 
-from tests.netns.convey_proc import ConveyProcess
-from tests.netns.httpd import payload_sha256
-from tests.netns.testbed import REPO_ROOT, Host, HttpServer, Testbed, read_line, start_httpd, wait_until
+from testbed.bed import Testbed
+from testbed.convey_proc import ConveyProcess
+from testbed.host import Host
+from testbed.httpd import payload_sha256
+from testbed.httpd_proc import HttpServer, start_httpd
+from testbed.process import REPO_ROOT, read_line, wait_until
 
 VIP_PORT = 80
 SERVER_PORT = 8080
@@ -38,7 +41,7 @@ GET = b"GET / HTTP/1.1\r\nHost: vip\r\n\r\n"
 CLIENT = textwrap.dedent(
     r'''
     import hashlib, json, select, selectors, socket, sys, time
-    from tests.netns.httpd import payload_chunks
+    from testbed.httpd import payload_chunks
 
     def exchange(addr, port, head, body=(), timeout=10.0, ip_options=None):
         """One HTTP exchange on a fresh connection: bytes each way, status, body sha256, first body bytes."""
@@ -257,11 +260,11 @@ def assert_clean(doc: dict[str, Any]) -> None:
     """Nothing went wrong in the packet path."""
     packet = doc["packet"]
     verdicts = counters(doc)
-    assert packet["handler_errors"] == 0
+    assert packet["io_errors"] == 0
     assert verdicts["errors"] == 0
     assert packet["queue"]["queue_dropped"] == 0
     assert packet["queue"]["queue_user_dropped"] == 0
-    assert verdicts["rewrites"] == verdicts["ingress_accepted"] + verdicts["egress_accepted"]
+    assert verdicts["rewrites"] == verdicts["ingress_accepted"] + verdicts["return_accepted"]
 
 
 def stop_clean(convey: ConveyProcess) -> str:
@@ -343,27 +346,27 @@ def test_requests_follow_weights_and_servers_see_the_balancer(beds: Callable[...
     assert_clean(doc)
     verdicts = counters(doc)
     assert verdicts["flows_opened"] == verdicts["flows_closed"] == 40
-    assert verdicts["ingress_dropped"] == verdicts["egress_dropped"] == 0
+    assert verdicts["ingress_dropped"] == verdicts["return_dropped"] == 0
     assert doc["total_connections"] == 40 and doc["refused"] == 0
     sent = sum(r["sent"] for r in results)
     received = sum(r["received"] for r in results)
-    assert (doc["bytes_rx"], doc["bytes_tx"]) == (sent, received)
-    assert (verdicts["bytes_rx"], verdicts["bytes_tx"]) == (sent, received)
+    assert (doc["bytes_tx"], doc["bytes_rx"]) == (sent, received)  # the original convey's directions
+    assert (verdicts["bytes_tx"], verdicts["bytes_rx"]) == (sent, received)
     for scope in (doc["frontends"]["web"], doc["backends"]["web_servers"]):
         assert (scope["total_connections"], scope["current_connections"]) == (40, 0)
-        assert (scope["bytes_rx"], scope["bytes_tx"]) == (sent, received)
+        assert (scope["bytes_tx"], scope["bytes_rx"]) == (sent, received)
     detail = doc["backends"]["web_servers"]["server_detail"]
     for i, name in enumerate(("server0", "server1")):
         mine = by_server[name]
         server = detail[f"s{i}"]
         assert (server["total_connections"], server["current_connections"]) == (len(mine), 0)
-        assert server["bytes_rx"] == sum(r["sent"] for r in mine)
-        assert server["bytes_tx"] == sum(r["received"] for r in mine)
+        assert server["bytes_tx"] == sum(r["sent"] for r in mine)
+        assert server["bytes_rx"] == sum(r["received"] for r in mine)
     # every packet the rules queued got a verdict, and was counted
     queued = queued_packets(bed.lb)
     assert queued["convey frontend web"] == verdicts["ingress_accepted"] + verdicts["ingress_dropped"]
     assert sum(queued.values()) == sum(verdicts[k] for k in ("ingress_accepted", "ingress_dropped",
-                                                             "egress_accepted", "egress_dropped"))  # fmt: skip
+                                                             "return_accepted", "return_dropped"))  # fmt: skip
     stop_clean(convey)
     assert all(web.errors() == "" for web in webs)
 
@@ -385,8 +388,8 @@ def test_50mb_download_and_upload_arrive_intact(beds: Callable[..., Testbed]) ->
     server = doc["backends"]["web_servers"]["server_detail"]["s0"]
     exact = retransmitted_segments(bed.client) + retransmitted_segments(bed.servers[0]) == retrans_before
     if exact:  # a retransmitted segment is payload the balancer forwarded twice
-        assert (server["bytes_rx"], server["bytes_tx"]) == (down["sent"], down["received"])
-    assert server["bytes_tx"] >= down["received"]
+        assert (server["bytes_tx"], server["bytes_rx"]) == (down["sent"], down["received"])
+    assert server["bytes_rx"] >= down["received"]
 
     up = client(bed, "upload", size=size, timeout=60)
     assert up["error"] is None and up["status"].startswith("HTTP/1.1 200"), up
@@ -396,9 +399,38 @@ def test_50mb_download_and_upload_arrive_intact(beds: Callable[..., Testbed]) ->
     exact = retransmitted_segments(bed.client) + retransmitted_segments(bed.servers[0]) == retrans_before
     sent, received = down["sent"] + up["sent"], down["received"] + up["received"]
     if exact:
-        assert (doc["bytes_rx"], doc["bytes_tx"]) == (sent, received)
-    assert doc["bytes_rx"] >= sent and doc["bytes_tx"] >= received
+        assert (doc["bytes_tx"], doc["bytes_rx"]) == (sent, received)
+    assert doc["bytes_tx"] >= sent and doc["bytes_rx"] >= received
     assert doc["total_connections"] == 2
+    stop_clean(convey)
+
+
+def test_bytes_tx_counts_client_to_server_and_bytes_rx_the_replies(beds: Callable[..., Testbed]) -> None:
+    """The original convey's directions at every level: ``bytes_tx`` the payload the clients sent towards the
+    servers, ``bytes_rx`` the payload that came back. An upload and a download of known, different sizes."""
+    bed = beds(1)
+    start_servers(bed)
+    convey = ConveyProcess(bed, make_config(bed)).start()
+    retrans_before = retransmitted_segments(bed.client) + retransmitted_segments(bed.servers[0])
+    up_size, down_size = 400_000, 150_000
+    up = client(bed, "upload", size=up_size)
+    assert up["error"] is None and up["body_start"] == payload_sha256(up_size), up
+    down = client(bed, "get", n=1, path=f"/bytes/{down_size}")[0]
+    assert down["error"] is None and down["sha256"] == payload_sha256(down_size), down
+    sent, received = up["sent"] + down["sent"], up["received"] + down["received"]
+    assert sent > up_size > received > down_size  # the two directions differ by far
+    doc = convey.wait_stats(settled, 10, "both flows closed")
+    assert_clean(doc)
+    retransmitted = (
+        retransmitted_segments(bed.client) + retransmitted_segments(bed.servers[0]) - retrans_before
+    )
+    detail = doc["backends"]["web_servers"]["server_detail"]["s0"]
+    for scope in (doc, doc["frontends"]["web"], doc["backends"]["web_servers"], detail):
+        assert scope["total_connections"] == 2
+        if not retransmitted:  # a retransmitted segment is payload the balancer forwarded twice
+            assert (scope["bytes_tx"], scope["bytes_rx"]) == (sent, received)
+        assert sent <= scope["bytes_tx"] < received + sent and received <= scope["bytes_rx"] < sent
+    assert (doc["total_bytes_tx"], doc["total_bytes_rx"]) == (doc["bytes_tx"], doc["bytes_rx"])
     stop_clean(convey)
 
 
@@ -490,7 +522,7 @@ def test_reload_adds_a_third_server_which_gets_traffic(beds: Callable[..., Testb
     assert_clean(doc)
     s2 = doc["backends"]["web_servers"]["server_detail"]["s2"]
     assert s2["total_connections"] == 2
-    assert s2["bytes_tx"] == sum(r["received"] for r, (name, _, _) in zip(results, seen, strict=True)
+    assert s2["bytes_rx"] == sum(r["received"] for r, (name, _, _) in zip(results, seen, strict=True)
                                  if name == "server2")  # fmt: skip
     assert "198.18.3.2" in bed.lb.run(["iptables-save", "-t", "raw"]).stdout  # its return path is queued
     stop_clean(convey)
@@ -537,7 +569,7 @@ def test_removed_server_open_connection_completes(beds: Callable[..., Testbed]) 
         10,
         "server1's return-path rules to be removed",
     )
-    assert doc["backends"]["web_servers"]["bytes_tx"] >= size
+    assert doc["backends"]["web_servers"]["bytes_rx"] >= size
     stop_clean(convey)
 
 
@@ -901,7 +933,7 @@ def test_malformed_packets_do_not_crash_the_engine(beds: Callable[..., Testbed])
     before = counters(convey.stats())
     craft("ip_options")
     convey.wait_stats(
-        lambda d: counters(d)["egress_accepted"] > before["egress_accepted"],
+        lambda d: counters(d)["return_accepted"] > before["return_accepted"],
         5,
         "the server's SYN-ACK to the SYN with IP options",
     )
@@ -921,103 +953,9 @@ def test_malformed_packets_do_not_crash_the_engine(beds: Callable[..., Testbed])
     result = client(bed, "get", n=1, path="/bytes/100000")[0]
     assert result["error"] is None and result["sha256"] == payload_sha256(100000)
     doc = convey.stats()
-    assert doc["packet"]["handler_errors"] == 0 and counters(doc)["errors"] == 0
+    assert doc["packet"]["io_errors"] == 0 and counters(doc)["errors"] == 0
     assert convey.running
     stop_clean(convey)
-
-
-# -- the inlined hot path -----------------------------------------------------------------------------------
-
-
-class FakePacket:
-    """What the queue callback sees of a packet: payload in, verdict and new payload out."""
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-        self.out: bytes | None = None
-        self.verdict: str | None = None
-
-    def get_payload(self) -> bytes:
-        return self.payload
-
-    def set_payload(self, payload: bytes) -> None:
-        self.out = payload
-
-    def accept(self) -> None:
-        self.verdict = "accept"
-
-    def drop(self) -> None:
-        self.verdict = "drop"
-
-
-def test_inlined_hot_path_decides_exactly_like_the_full_path() -> None:
-    """The queue callback inlines the decider's hot path (packet_plane ``_passthrough_handler``); fed the same
-    packets, it must give the same verdicts, bytes and counters as the full path (``_on_packet_passthrough``)."""
-    from scapy.all import IP, TCP, IPOption_NOP, Raw, fragment
-
-    from convey import stats as st
-    from convey.dataplane.nfqueue import Batch
-    from convey.dataplane.packet_plane import PacketPlane
-    from convey.packet.flows import FlowTable
-    from convey.packet.passthrough import Passthrough
-    from convey.packet.ports import PortAllocator
-
-    client, vip, lb, server = "198.18.0.2", "198.18.0.1", "198.18.1.1", "198.18.1.2"
-    b = {a: bytes(int(x) for x in a.split(".")) for a in (client, vip, lb, server)}
-
-    def plane() -> tuple[PacketPlane, Any]:
-        p = PacketPlane("passthrough", {}, st.Stats("passthrough", 0.0))
-        p.vips = {(b[vip], 80): "web"}
-        p._vip_addrs = frozenset({b[vip]})
-        decider = Passthrough(
-            p.vips, [b[lb]], PortAllocator(40000, 40099, (b[lb],), 60), FlowTable(100, 10, 300, 2),
-            lambda frontend, flow_hash: ("web_servers/s0", b[server], 8080),
-        )  # fmt: skip
-        p.decider = decider
-        return p, decider
-
-    def to_vip(sport: int, flags: str, payload: bytes = b"", **ip: Any) -> bytes:
-        return bytes(IP(src=client, dst=vip, **ip) / TCP(sport=sport, dport=80, flags=flags, seq=7) / payload)
-
-    def back(eport: int, flags: str, payload: bytes = b"") -> bytes:
-        return bytes(IP(src=server, dst=lb) / TCP(sport=8080, dport=eport, flags=flags, seq=9) / payload)
-
-    packets = [
-        to_vip(50000, "S"), back(40000, "SA"), to_vip(50000, "A"), to_vip(50000, "PA", b"GET / HTTP/1.0\r\n\r\n"),
-        back(40000, "PA", b"x" * 1000), back(40000, "A"), to_vip(50000, "A", options=[IPOption_NOP()] * 4),
-        to_vip(50001, "S"), back(40001, "SA", b""), to_vip(50001, "PA", b"y" * 100), back(40001, "R"),
-        to_vip(50000, "FA"), back(40000, "FA"), to_vip(50000, "A"), to_vip(50002, "A", b"no flow"),
-        back(40050, "A"), to_vip(50000, "PA", b"z" * 20, tos=4),
-        *(bytes(f) for f in fragment(IP(src=client, dst=vip) / TCP(sport=50000, dport=80) / Raw(b"f" * 300), 200)),
-        to_vip(50000, "PA", b"after")[:30], to_vip(50003, "S"), back(40002, "SA"), to_vip(50003, "PA", b"q" * 7),
-    ]  # fmt: skip
-    fast, fast_decider = plane()
-    full, full_decider = plane()
-
-    def sock_recv(size: int) -> bytes:
-        raise AssertionError("not called here")
-
-    batch = Batch(size=4)  # the handler counts the queue's batch down: after 4 packets, recv says EAGAIN
-    batch.bind(sock_recv)
-    handler = fast._passthrough_handler(fast_decider, batch)
-    for i, raw in enumerate(packets):
-        if i % 4 == 0:
-            batch.begin()
-        assert batch.recv is sock_recv
-        a, c = FakePacket(raw), FakePacket(raw)
-        handler(a)
-        full._on_packet_passthrough(c)
-        assert (a.verdict, a.out) == (c.verdict, c.out), f"packet {i}: {IP(raw).summary()}"
-        if i % 4 == 3:
-            with pytest.raises(BlockingIOError):
-                batch.recv(4096)
-    assert fast_decider.counters == full_decider.counters
-    assert fast_decider.counters.ingress_accepted > 5 and fast_decider.counters.egress_accepted > 5
-    assert fast.handler_errors == full.handler_errors == 0
-    assert sorted(fast_decider.flows.forward) == sorted(full_decider.flows.forward)
-    assert [
-        (f.fwd_bytes, f.ret_bytes, f.fwd_packets, f.ret_packets, f.state) for f in fast_decider.flows
-    ] == [(f.fwd_bytes, f.ret_bytes, f.fwd_packets, f.ret_packets, f.state) for f in full_decider.flows]
 
 
 # -- rules ----------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 from convey.balancing.pool import Pool
 from convey.config import Address, parse_config
 from convey.proxy import relay
-from convey.proxy.relay import ProxyFrontend
+from convey.proxy.frontend import ProxyFrontend
 from convey.stats import Counters, Stats
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
