@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from convey import __version__
 from convey.config import Config, ConfigError, load_config, summary
 from convey.errors import ConveyError
+from convey.modes import Mode
 
 if TYPE_CHECKING:
     from convey.engine import Engine
@@ -51,12 +52,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _mode(args: argparse.Namespace) -> str:
+def _mode(args: argparse.Namespace) -> Mode:
     if args.passthrough:
-        return "passthrough"
+        return Mode.PASSTHROUGH
     if args.dsr:
-        return "dsr"
-    return "proxy"
+        return Mode.DSR
+    return Mode.PROXY
 
 
 def main_parser() -> argparse.ArgumentParser:
@@ -106,7 +107,7 @@ def cmd_check(argv: Sequence[str]) -> int:
     if config is None:
         return EXIT_CONFIG
     mode = _mode(args)
-    if mode != "proxy":
+    if mode != Mode.PROXY:
         from convey.dataplane import rules
 
         try:
@@ -128,7 +129,7 @@ def cmd_rules(argv: Sequence[str]) -> int:
     _add_common(parser)
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    mode = "dsr" if args.dsr else "passthrough"
+    mode = Mode.DSR if args.dsr else Mode.PASSTHROUGH
     config = _load(args.config)
     if config is None:
         return EXIT_CONFIG
@@ -162,7 +163,7 @@ def run(argv: Sequence[str]) -> int:
     from convey.engine import Engine
     from convey.errors import StartupError
 
-    options = {"install_rules": args.install_rules} if mode != "proxy" else {}
+    options = {"install_rules": args.install_rules} if mode != Mode.PROXY else {}
     try:
         engine = Engine(config, mode, watch=not args.no_watch, **options)
         _run_engine(engine)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from convey.errors import ConveyError
-from convey.modes import Rewrite
+from convey.modes import Mode, Rewrite
 
 SCHEDULERS = ("wrr", "least_conn", "maglev")
 DSR_REWRITES = tuple(Rewrite)
@@ -73,7 +73,7 @@ class BackendConfig:
     def scheduler_for(self, mode: str) -> str:
         if self.scheduler is not None:
             return self.scheduler
-        return "maglev" if mode == "dsr" else "wrr"
+        return "maglev" if mode == Mode.DSR else "wrr"
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,7 +399,7 @@ class _Parser:
         )
         rewrite = Rewrite(self.choice(section, key, "rewrite", DSR_REWRITES, "ip"))
         egress = self.choice(section, key, "egress_nat", EGRESS_NAT_METHODS, "auto")
-        if rewrite == "ip" and egress == "tc":
+        if rewrite == Rewrite.IP and egress == "tc":
             # tc's nat action rewrites addresses only: a server port that differs from the listen port could not be
             # put back in the server's replies.
             for front in frontends.values():

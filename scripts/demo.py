@@ -25,7 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.netns.testbed import Testbed, start_httpd, wait_until  # noqa: E402
+from testbed.bed import Testbed  # noqa: E402
+from testbed.httpd_proc import start_httpd  # noqa: E402
+from testbed.process import wait_until  # noqa: E402
 
 PY = sys.executable
 SAMPLES = ROOT / "samples"
@@ -79,7 +81,7 @@ def demo_proxy() -> None:
     try:
         for name, port in (("one", 9001), ("two", 9002)):
             p = subprocess.Popen(
-                [PY, "-m", "tests.netns.httpd", "--bind", f"127.0.0.1:{port}", "--name", name],
+                [PY, "-m", "testbed.httpd", "--bind", f"127.0.0.1:{port}", "--name", name],
                 cwd=ROOT,
                 stdout=subprocess.PIPE,
             )
@@ -185,7 +187,7 @@ def demo_passthrough() -> None:
 
 def demo_dsr() -> None:
     try:
-        from tests.netns.dsr_demo import demo_dsr as run_dsr
+        from testbed.dsr import demo_dsr as run_dsr
     except ImportError:
         print("DSR demo not available in this checkout")
         return

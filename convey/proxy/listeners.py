@@ -8,7 +8,7 @@ from typing import Any
 
 from convey.balancing.pool import Pool
 from convey.config import Config
-from convey.proxy.relay import ProxyFrontend
+from convey.proxy.frontend import ProxyFrontend
 from convey.stats import Stats
 
 log = logging.getLogger("convey.proxy")

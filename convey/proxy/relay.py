@@ -1,9 +1,9 @@
 """Proxy mode's data plane: a TCP relay built on asyncio Protocols (no streams, no per-chunk tasks).
 
-One :class:`ProxyFrontend` listens for one ``[frontends.<name>]`` section. Each accepted client gets a
-:class:`_Client` protocol; once a server has accepted, a :class:`_Upstream` protocol is linked to it and bytes are
-passed between the two transports as they arrive (``transport.write`` of the very ``bytes`` object received, so a
-chunk is copied only when the kernel cannot take it at once).
+A frontend (:mod:`convey.proxy.frontend`) accepts clients; each gets a :class:`Client` protocol. Once a
+server has accepted, an ``_Upstream`` protocol is linked to it and bytes are passed between the two transports as they
+arrive (``transport.write`` of the very ``bytes`` object received, so a chunk is copied only when the kernel cannot
+take it at once).
 
 Per connection:
 
@@ -31,21 +31,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import socket
 import struct
-from collections.abc import Mapping
-from typing import Any, cast
+from typing import TYPE_CHECKING
 
 from convey.balancing.pool import Pool, Server
-from convey.balancing.schedulers import flow_hash
-from convey.config import FrontendConfig
-from convey.stats import Counters, Stats, failed, opened, refused
+from convey.stats import Counters, failed, opened, refused
+
+if TYPE_CHECKING:
+    from convey.proxy.frontend import ProxyFrontend
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ProxyFrontend"]
+__all__ = ["Client"]
 
 # Schedulers known to ignore the flow hash: skip computing it for them (the peer address lookup and two splitmix
 # rounds are a measurable part of a short connection's cost).
@@ -62,13 +61,6 @@ WRITE_LOW_WATER = 64 * 1024
 EARLY_LIMIT = 64 * 1024
 
 
-def _ipv4_int(host: str) -> int:
-    try:
-        return int.from_bytes(socket.inet_aton(host), "big")
-    except OSError:
-        return 0
-
-
 def _reset(transport: asyncio.Transport) -> None:
     """Close a client connection with RST (SO_LINGER 0), dropping anything unsent."""
     sock = transport.get_extra_info("socket")
@@ -76,119 +68,6 @@ def _reset(transport: asyncio.Transport) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
     transport.abort()
-
-
-class ProxyFrontend:
-    """Listens on one frontend's address and relays each client to a server of its backend's pool."""
-
-    def __init__(
-        self,
-        config: FrontendConfig,
-        pools: Mapping[str, Pool],
-        stats: Stats,
-        connect_timeout: float = 3.0,
-        max_attempts: int = 3,
-    ) -> None:
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
-        if connect_timeout <= 0:
-            raise ValueError(f"connect_timeout must be positive, got {connect_timeout}")
-        # The engine may replace ``config`` on reload; it is read for every new connection.
-        self.config = config
-        self.pools = pools
-        self.stats = stats
-        self.connect_timeout = connect_timeout
-        self.max_attempts = max_attempts
-        self._server: asyncio.AbstractServer | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._conns: set[_Client] = set()
-        self._drained: asyncio.Future[None] | None = None
-        # Cached per config object: the (total, frontend, backend) counters and the listen address as an int.
-        self._scopes_config: FrontendConfig | None = None
-        self._scopes: tuple[Counters, ...] = ()
-        self._listen_int = 0
-
-    # -- lifecycle ----------------------------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        if self._server is not None:
-            raise RuntimeError(f"frontend {self.config.name}: already started")
-        loop = asyncio.get_running_loop()
-        self._loop = loop
-        addr = self.config.listen_addr
-        try:
-            self._server = await loop.create_server(
-                functools.partial(_Client, self), addr.host, addr.port, reuse_address=True, backlog=1024
-            )
-        except OSError as exc:
-            raise OSError(
-                exc.errno, f"frontend {self.config.name}: cannot listen on {addr}: {exc.strerror or exc}"
-            ) from exc
-        log.info(
-            "frontend=%s event=listening addr=%s backend=%s", self.config.name, addr, self.config.backend
-        )
-
-    @property
-    def sockets(self) -> tuple[Any, ...]:
-        """The listening sockets (empty when not listening); tests use them to learn an ephemeral port."""
-        return tuple(cast(asyncio.Server, self._server).sockets) if self._server is not None else ()
-
-    async def stop_listening(self) -> None:
-        """Stop accepting new connections; connections in flight continue."""
-        server = self._server
-        if server is None:
-            return
-        self._server = None
-        server.close()
-        # uvloop closes its handles on the next loop iteration: let it, so the port is free when this returns.
-        await asyncio.sleep(0)
-        log.info("frontend=%s event=stopped_listening active=%d", self.config.name, len(self._conns))
-
-    async def close(self, timeout: float) -> None:
-        """Stop listening, wait up to ``timeout`` seconds for connections to end, then abort the rest."""
-        await self.stop_listening()
-        if self._conns:
-            loop = asyncio.get_running_loop()
-            self._drained = loop.create_future()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._drained), timeout)
-        if self._conns:
-            log.info("frontend=%s event=aborting connections=%d", self.config.name, len(self._conns))
-            for conn in list(self._conns):
-                conn.abort()
-            # connection_lost callbacks run on the next iterations; give them a bounded moment.
-            for _ in range(100):
-                if not self._conns:
-                    break
-                await asyncio.sleep(0.001)
-        self._drained = None
-
-    @property
-    def active(self) -> int:
-        """Connections accepted and not yet fully closed (connecting ones included)."""
-        return len(self._conns)
-
-    # -- per connection -----------------------------------------------------------------------------------------
-
-    def _refresh(self) -> FrontendConfig:
-        config = self.config
-        stats = self.stats
-        self._scopes = (stats.total, stats.frontend(config.name), stats.backend(config.backend))
-        self._listen_int = _ipv4_int(config.listen_addr.host)
-        self._scopes_config = config
-        return config
-
-    def _flow_hash(self, transport: asyncio.BaseTransport) -> int:
-        peer = transport.get_extra_info("peername")
-        if not peer:
-            return 0
-        return flow_hash(_ipv4_int(peer[0]), peer[1], self._listen_int, self.config.listen_addr.port)
-
-    def _forget(self, conn: _Client) -> None:
-        self._conns.discard(conn)
-        drained = self._drained
-        if drained is not None and not self._conns and not drained.done():
-            drained.set_result(None)
 
 
 def _hold_early(pending: list[bytes] | None, data: bytes, transport: asyncio.Transport) -> list[bytes]:
@@ -203,7 +82,7 @@ def _hold_early(pending: list[bytes] | None, data: bytes, transport: asyncio.Tra
     return pending
 
 
-class _Client(asyncio.Protocol):
+class Client(asyncio.Protocol):
     """The client side of one proxied connection; owns the connection's state and accounting."""
 
     __slots__ = (
@@ -358,7 +237,7 @@ class _Client(asyncio.Protocol):
             for data in up._pending:
                 client.write(data)
                 for c in scopes:
-                    c.bytes_tx += len(data)
+                    c.bytes_rx += len(data)
             up._pending = None
         if up._lost:
             client.close()  # what the server sent is flushed first
@@ -369,7 +248,7 @@ class _Client(asyncio.Protocol):
             for data in self._pending:
                 transport.write(data)
                 for c in scopes:
-                    c.bytes_rx += len(data)
+                    c.bytes_tx += len(data)
             self._pending = None
         if self._eof and up._eof:
             self._close_both()
@@ -396,7 +275,7 @@ class _Client(asyncio.Protocol):
         peer.write(data)
         n = len(data)
         for c in self._scopes:
-            c.bytes_rx += n
+            c.bytes_tx += n
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -475,7 +354,7 @@ class _Upstream(asyncio.Protocol):
 
     transport: asyncio.Transport
 
-    def __init__(self, client: _Client) -> None:
+    def __init__(self, client: Client) -> None:
         self._client = client
         self._peer: asyncio.Transport | None = None  # the client's transport, once linked
         self._pending: list[bytes] | None = None  # what the server sent before the link
@@ -491,17 +370,17 @@ class _Upstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.transport = transport
-        transport.pause_reading()  # until linked (see _Client.connection_made about uvloop)
+        transport.pause_reading()  # until linked (see Client.connection_made about uvloop)
 
     def data_received(self, data: bytes) -> None:
         peer = self._peer
-        if peer is None:  # before the link, as in _Client.data_received
+        if peer is None:  # before the link, as in Client.data_received
             self._pending = _hold_early(self._pending, data, self.transport)
             return
         peer.write(data)
         n = len(data)
         for c in self._scopes:
-            c.bytes_tx += n
+            c.bytes_rx += n
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -528,7 +407,7 @@ class _Upstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         if not self._linked:
-            return  # not linked yet (see _Client._link) or an abandoned connect attempt
+            return  # not linked yet (see Client._link) or an abandoned connect attempt
         client = self._client
         if client._lost:
             client._finish()
