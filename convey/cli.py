@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from convey import __version__
-from convey.config import Config, ConfigError, load_config, summary
+from convey.config import Config, ConfigError, load_config, summary, with_offload
 from convey.errors import ConveyError
 from convey.modes import Mode
 
@@ -42,6 +42,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         "-p", "--passthrough", action="store_true", help="packet mode through NFQUEUE (full NAT)"
     )
     mode.add_argument("-d", "--dsr", action="store_true", help="direct server return mode")
+    parser.add_argument(
+        "--offload",
+        action="store_true",
+        help="packet modes: convey decides each connection's first packet and the kernel carries the rest "
+        "(as [passthrough] offload = true or [dsr] offload = true)",
+    )
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -89,12 +95,17 @@ def setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.INFO, getattr(logging, level)))
 
 
-def _load(path: str) -> Config | None:
+def _load(args: argparse.Namespace, mode: Mode) -> Config | None:
+    """The config file, with ``--offload`` applied; None after printing why not."""
+    if args.offload and mode == Mode.PROXY:
+        print("convey: --offload needs a packet mode: add --passthrough or --dsr", file=sys.stderr)
+        return None
     try:
-        return load_config(path)
+        config = load_config(args.config)
     except ConfigError as exc:
         print(f"convey: config error: {exc}", file=sys.stderr)
         return None
+    return with_offload(config, mode) if args.offload else config
 
 
 def cmd_check(argv: Sequence[str]) -> int:
@@ -103,10 +114,10 @@ def cmd_check(argv: Sequence[str]) -> int:
     )
     _add_common(parser)
     args = parser.parse_args(argv)
-    config = _load(args.config)
+    mode = _mode(args)
+    config = _load(args, mode)
     if config is None:
         return EXIT_CONFIG
-    mode = _mode(args)
     if mode != Mode.PROXY:
         from convey.dataplane import rules
 
@@ -130,7 +141,7 @@ def cmd_rules(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
     mode = Mode.DSR if args.dsr else Mode.PASSTHROUGH
-    config = _load(args.config)
+    config = _load(args, mode)
     if config is None:
         return EXIT_CONFIG
     from convey.dataplane import rules
@@ -156,16 +167,16 @@ def cmd_rules(argv: Sequence[str]) -> int:
 def run(argv: Sequence[str]) -> int:
     args = main_parser().parse_args(argv)
     setup_logging(args.log_level)
-    config = _load(args.config)
+    mode = _mode(args)
+    config = _load(args, mode)
     if config is None:
         return EXIT_CONFIG
-    mode = _mode(args)
     from convey.engine import Engine
     from convey.errors import StartupError
 
     options = {"install_rules": args.install_rules} if mode != Mode.PROXY else {}
     try:
-        engine = Engine(config, mode, watch=not args.no_watch, **options)
+        engine = Engine(config, mode, watch=not args.no_watch, force_offload=args.offload, **options)
         _run_engine(engine)
     except ConfigError as exc:
         print(f"convey: config error: {exc}", file=sys.stderr)

@@ -10,7 +10,7 @@ import ipaddress
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,8 @@ class PassthroughConfig:
     idle_timeout: float = 300.0
     syn_timeout: float = 10.0
     fin_linger: float = 2.0
+    # Flow offload: convey decides each connection's first packet, the kernel's conntrack NAT carries the rest.
+    offload: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,7 @@ class DsrConfig:
     idle_timeout: float = 300.0
     fwmark_base: int = 0x100
     route_table_base: int = 100
+    offload: bool = False  # after a connection's first packet, the kernel steers the rest
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +182,12 @@ class _Parser:
             raise self.fail(_join(key, name), f"must be an integer, got {_kind(value)}")
         if not lo <= value <= hi:
             raise self.fail(_join(key, name), f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def flag(self, table: dict[str, Any], key: str, name: str, default: bool) -> bool:
+        value = table.get(name, default)
+        if not isinstance(value, bool):
+            raise self.fail(_join(key, name), f"must be true or false, got {_kind(value)}")
         return value
 
     def seconds(self, table: dict[str, Any], key: str, name: str, default: float, lo: float = 0.0) -> float:
@@ -347,6 +356,7 @@ class _Parser:
                 "idle_timeout",
                 "syn_timeout",
                 "fin_linger",
+                "offload",
             ),
         )
         port_range = self.port_range(section.get("port_range"), f"{key}.port_range")
@@ -369,6 +379,7 @@ class _Parser:
             idle_timeout=self.seconds(section, key, "idle_timeout", 300.0),
             syn_timeout=self.seconds(section, key, "syn_timeout", 10.0),
             fin_linger=self.seconds(section, key, "fin_linger", 2.0),
+            offload=self.flag(section, key, "offload", False),
         )
 
     def port_range(self, value: Any, key: str) -> tuple[int, int]:
@@ -395,7 +406,15 @@ class _Parser:
         self.known(
             section,
             key,
-            ("rewrite", "egress_nat", "queue_num", "idle_timeout", "fwmark_base", "route_table_base"),
+            (
+                "rewrite",
+                "egress_nat",
+                "queue_num",
+                "idle_timeout",
+                "fwmark_base",
+                "route_table_base",
+                "offload",
+            ),
         )
         rewrite = Rewrite(self.choice(section, key, "rewrite", DSR_REWRITES, "ip"))
         egress = self.choice(section, key, "egress_nat", EGRESS_NAT_METHODS, "auto")
@@ -418,7 +437,24 @@ class _Parser:
             idle_timeout=self.seconds(section, key, "idle_timeout", 300.0),
             fwmark_base=self.integer(section, key, "fwmark_base", 0x100, 1, 0x7FFF0000),
             route_table_base=self.integer(section, key, "route_table_base", 100, 1, 0x7FFF0000),
+            offload=self.flag(section, key, "offload", False),
         )
+
+
+def offloaded(config: Config, mode: str) -> bool:
+    """Whether ``mode`` runs with flow offload under ``config`` (``[passthrough] offload`` or ``[dsr] offload``)."""
+    if mode == Mode.PASSTHROUGH:
+        return config.passthrough.offload
+    return mode == Mode.DSR and config.dsr.offload
+
+
+def with_offload(config: Config, mode: str) -> Config:
+    """``config`` with flow offload on for ``mode`` (the command line's ``--offload``)."""
+    if mode == Mode.PASSTHROUGH:
+        return replace(config, passthrough=replace(config.passthrough, offload=True))
+    if mode == Mode.DSR:
+        return replace(config, dsr=replace(config.dsr, offload=True))
+    raise ValueError(f"--offload needs a packet mode (--passthrough or --dsr), not {mode}")
 
 
 def _join(key: str, name: str) -> str:

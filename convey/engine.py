@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from convey.balancing.pool import Pool
-from convey.config import Config, ConfigError
+from convey.config import Config, ConfigError, offloaded, with_offload
 from convey.errors import StartupError
 from convey.health import HealthChecker
 from convey.modes import Mode
@@ -53,12 +53,22 @@ def build_plane(mode: Mode, pools: dict[str, Pool], stats: Stats, options: dict[
 
 
 class Engine:
-    def __init__(self, config: Config, mode: Mode | str, watch: bool = True, **options: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        mode: Mode | str,
+        watch: bool = True,
+        force_offload: bool = False,
+        **options: Any,
+    ) -> None:
         try:
             self.mode = Mode(mode)
         except ValueError:
             raise StartupError(f"unknown mode {mode!r} (modes: {', '.join(Mode)})") from None
-        self.config = config
+        # ``--offload`` on the command line: every reloaded file is read with offload on too.
+        self.force_offload = force_offload
+        self.config = with_offload(config, self.mode) if force_offload else config
+        config = self.config
         self.watch = watch
         self.stats = Stats(mode=self.mode, started=time.time())
         self.pools: dict[str, Pool] = {name: Pool(b, self.mode) for name, b in config.backends.items()}
@@ -99,6 +109,18 @@ class Engine:
         asyncio.get_running_loop().create_task(self._apply(config))
 
     async def _apply(self, config: Config) -> None:
+        if self.force_offload:
+            config = with_offload(config, self.mode)
+        if offloaded(config, self.mode) != offloaded(self.config, self.mode):
+            state = "on" if offloaded(self.config, self.mode) else "off"
+            error = ConfigError(
+                config.path,
+                "passthrough.offload" if self.mode == Mode.PASSTHROUGH else "dsr.offload",
+                f"offload cannot change while convey runs (it is {state}); restart convey to change it",
+            )
+            log.error("event=reload_rejected error=%r", str(error))
+            self._reload_failed(error)
+            return
         async with self._apply_lock:
             changes: list[str] = []
             for name, backend in config.backends.items():

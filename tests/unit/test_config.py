@@ -200,3 +200,36 @@ def test_garbage_never_raises_anything_but_config_error(text: str) -> None:
         parse_config(text, "fuzz.toml")
     except ConfigError as exc:
         assert str(exc).startswith("fuzz.toml")
+
+
+def test_offload_keys_default_off_and_parse() -> None:
+    from convey.config import offloaded, with_offload
+
+    config = parse_config(ORIGINAL, "orig.toml")
+    assert not config.passthrough.offload and not config.dsr.offload
+    assert not offloaded(config, "passthrough") and not offloaded(config, "dsr")
+    base = ORIGINAL.split("[passthrough]")[0]
+    on = parse_config(base + "\n[passthrough]\noffload = true\n[dsr]\noffload = true\n", "on.toml")
+    assert offloaded(on, "passthrough") and offloaded(on, "dsr") and not offloaded(on, "proxy")
+    forced = with_offload(config, "passthrough")
+    assert offloaded(forced, "passthrough") and not offloaded(forced, "dsr")
+    assert offloaded(with_offload(config, "dsr"), "dsr")
+    with pytest.raises(ValueError, match="--passthrough or --dsr"):
+        with_offload(config, "proxy")
+
+
+@pytest.mark.parametrize("section", ["passthrough", "dsr"])
+def test_offload_must_be_a_boolean(section: str) -> None:
+    base = ORIGINAL.split("[passthrough]")[0]
+    with pytest.raises(ConfigError) as info:
+        parse_config(base + f'\n[{section}]\noffload = "yes"\n', "bad.toml")
+    assert str(info.value) == f"bad.toml: {section}.offload: must be true or false, got a string"
+
+
+def test_offload_flag_needs_a_packet_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from convey.cli import main
+
+    path = tmp_path / "c.toml"
+    path.write_text(ORIGINAL)
+    assert main(["check", f"--config={path}", "--offload"]) == 1
+    assert "--offload needs a packet mode" in capsys.readouterr().err
