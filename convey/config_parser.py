@@ -1,0 +1,353 @@
+"""The validating reader behind :func:`convey.config.parse_config`: raw TOML tables in, a frozen
+:class:`convey.config.Config` out, or the first :class:`convey.config.ConfigError`, which names the file, the key and
+the problem. Split from config.py, which holds the types and the public functions, to keep both readable.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from convey.config import (
+    DEFAULT_FALL,
+    DEFAULT_HEALTH_INTERVAL,
+    DEFAULT_HEALTH_TIMEOUT,
+    DEFAULT_PORT_RANGE,
+    DEFAULT_RISE,
+    DEFAULT_STATS_ADDRESS,
+    DSR_REWRITES,
+    EGRESS_NAT_METHODS,
+    SCHEDULERS,
+    Address,
+    BackendConfig,
+    Config,
+    ConfigError,
+    DsrConfig,
+    FrontendConfig,
+    PassthroughConfig,
+    ServerConfig,
+    StatsConfig,
+)
+from convey.modes import Rewrite
+
+__all__ = ["Parser"]
+
+
+class Parser:
+    """Turns the raw TOML tables into a :class:`Config`, or raises the first :class:`ConfigError`."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.path, key, problem)
+
+    # -- generic checks -------------------------------------------------------------------------------------------
+
+    def table(self, value: Any, key: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(key, f"must be a table, got {_kind(value)}")
+        return value
+
+    def known(self, table: dict[str, Any], key: str, allowed: tuple[str, ...]) -> None:
+        for name in table:
+            if name not in allowed:
+                raise self.fail(_join(key, name), f"unknown key (allowed: {', '.join(allowed)})")
+
+    def string(self, table: dict[str, Any], key: str, name: str, default: str | None = None) -> str:
+        value = table.get(name, default)
+        if value is None:
+            raise self.fail(_join(key, name), "missing (required)")
+        if not isinstance(value, str):
+            raise self.fail(_join(key, name), f"must be a string, got {_kind(value)}")
+        return value
+
+    def integer(self, table: dict[str, Any], key: str, name: str, default: int, lo: int, hi: int) -> int:
+        value = table.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(_join(key, name), f"must be an integer, got {_kind(value)}")
+        if not lo <= value <= hi:
+            raise self.fail(_join(key, name), f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def flag(self, table: dict[str, Any], key: str, name: str, default: bool) -> bool:
+        value = table.get(name, default)
+        if not isinstance(value, bool):
+            raise self.fail(_join(key, name), f"must be true or false, got {_kind(value)}")
+        return value
+
+    def seconds(self, table: dict[str, Any], key: str, name: str, default: float, lo: float = 0.0) -> float:
+        value = table.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise self.fail(_join(key, name), f"must be a number of seconds, got {_kind(value)}")
+        if value <= lo:
+            raise self.fail(_join(key, name), f"must be greater than {lo:g} seconds, got {value}")
+        return float(value)
+
+    def choice(
+        self, table: dict[str, Any], key: str, name: str, choices: tuple[str, ...], default: str
+    ) -> str:
+        value = self.string(table, key, name, default)
+        if value not in choices:
+            raise self.fail(_join(key, name), f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def ipv4(self, value: str, key: str) -> str:
+        try:
+            return str(ipaddress.IPv4Address(value))
+        except ValueError:
+            raise self.fail(key, f"not an IPv4 address: {value!r}") from None
+
+    def address(self, table: dict[str, Any], key: str, name: str) -> Address:
+        value = self.string(table, key, name)
+        full = _join(key, name)
+        host, sep, port_text = value.rpartition(":")
+        if not sep or not host or not port_text:
+            raise self.fail(full, f"must be IP:port, got {value!r}")
+        host = self.ipv4(host, full)
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise self.fail(full, f"port must be 1-65535, got {port_text!r}")
+        return Address(host, int(port_text))
+
+    # -- sections -------------------------------------------------------------------------------------------------
+
+    def config(self, raw: dict[str, Any]) -> Config:
+        self.known(raw, "", ("frontends", "backends", "stats", "passthrough", "dsr"))
+        backends = self.backends(raw.get("backends", {}))
+        frontends = self.frontends(raw.get("frontends", {}), backends)
+        stats = self.stats(raw.get("stats", {}))
+        passthrough = self.passthrough(raw.get("passthrough", {}))
+        dsr = self.dsr(raw.get("dsr", {}), frontends, backends)
+        return Config(self.path, frontends, backends, stats, passthrough, dsr)
+
+    def backends(self, value: Any) -> dict[str, BackendConfig]:
+        section = self.table(value, "backends")
+        result: dict[str, BackendConfig] = {}
+        for name, body in section.items():
+            key = f"backends.{name}"
+            body = self.table(body, key)
+            self.known(
+                body,
+                key,
+                (
+                    "servers",
+                    "health_check_interval",
+                    "health_check_timeout",
+                    "rise",
+                    "fall",
+                    "scheduler",
+                    "maglev_table_size",
+                ),
+            )
+            servers = self.servers(body.get("servers", {}), f"{key}.servers")
+            interval = self.seconds(body, key, "health_check_interval", DEFAULT_HEALTH_INTERVAL)
+            timeout = self.seconds(body, key, "health_check_timeout", min(DEFAULT_HEALTH_TIMEOUT, interval))
+            scheduler = body.get("scheduler")
+            if scheduler is not None:
+                scheduler = self.choice(body, key, "scheduler", SCHEDULERS, "wrr")
+            table_size = self.integer(body, key, "maglev_table_size", 65537, 3, 1_000_003)
+            if not _is_prime(table_size):
+                raise self.fail(f"{key}.maglev_table_size", f"must be a prime number, got {table_size}")
+            if table_size < 100 * max(1, len(servers)):
+                raise self.fail(
+                    f"{key}.maglev_table_size",
+                    f"must be at least 100 x the number of servers ({len(servers)}) for an even spread, "
+                    f"got {table_size}",
+                )
+            result[name] = BackendConfig(
+                name=name,
+                servers=servers,
+                health_check_interval=interval,
+                health_check_timeout=timeout,
+                rise=self.integer(body, key, "rise", DEFAULT_RISE, 1, 1000),
+                fall=self.integer(body, key, "fall", DEFAULT_FALL, 1, 1000),
+                scheduler=scheduler,
+                maglev_table_size=table_size,
+            )
+        return result
+
+    def servers(self, value: Any, key: str) -> tuple[ServerConfig, ...]:
+        section = self.table(value, key)
+        servers: list[ServerConfig] = []
+        seen: dict[Address, str] = {}
+        for name, body in section.items():
+            skey = f"{key}.{name}"
+            body = self.table(body, skey)
+            self.known(body, skey, ("addr", "weight"))
+            addr = self.address(body, skey, "addr")
+            if addr in seen:
+                raise self.fail(f"{skey}.addr", f"{addr} is already used by server {seen[addr]!r}")
+            seen[addr] = name
+            weight = body.get("weight", 1)
+            if isinstance(weight, bool) or not isinstance(weight, int):
+                raise self.fail(f"{skey}.weight", f"must be an integer, got {_kind(weight)}")
+            if weight < 0:
+                raise self.fail(f"{skey}.weight", f"must not be negative, got {weight} (0 drains the server)")
+            if weight > 1_000_000:
+                raise self.fail(f"{skey}.weight", f"must be at most 1000000, got {weight}")
+            servers.append(ServerConfig(name, addr, weight))
+        return tuple(servers)
+
+    def frontends(self, value: Any, backends: Mapping[str, BackendConfig]) -> dict[str, FrontendConfig]:
+        section = self.table(value, "frontends")
+        result: dict[str, FrontendConfig] = {}
+        seen: dict[Address, str] = {}
+        for name, body in section.items():
+            key = f"frontends.{name}"
+            body = self.table(body, key)
+            self.known(body, key, ("listen_addr", "backend"))
+            listen = self.address(body, key, "listen_addr")
+            if listen in seen:
+                raise self.fail(
+                    f"{key}.listen_addr", f"{listen} is already used by frontend {seen[listen]!r}"
+                )
+            seen[listen] = name
+            backend = self.string(body, key, "backend")
+            if backend not in backends:
+                known = ", ".join(sorted(backends)) or "none defined"
+                raise self.fail(f"{key}.backend", f"unknown backend {backend!r} (backends: {known})")
+            result[name] = FrontendConfig(name, listen, backend)
+        return result
+
+    def stats(self, value: Any) -> StatsConfig:
+        section = self.table(value, "stats")
+        self.known(section, "stats", ("port", "address"))
+        port: int | None = None
+        if "port" in section:
+            raw = section["port"]
+            if isinstance(raw, str) and raw.strip().isdigit():
+                raw = int(raw.strip())
+            if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= 65535:
+                raise self.fail(
+                    "stats.port", f"must be a port number 1-65535 (integer or string), got {raw!r}"
+                )
+            port = raw
+        address = self.ipv4(self.string(section, "stats", "address", DEFAULT_STATS_ADDRESS), "stats.address")
+        return StatsConfig(port, address)
+
+    def passthrough(self, value: Any) -> PassthroughConfig:
+        key = "passthrough"
+        section = self.table(value, key)
+        self.known(
+            section,
+            key,
+            (
+                "connection_tracker_capacity",
+                "workers",
+                "stats_update_frequency",
+                "port_range",
+                "port_reuse_delay",
+                "source_addrs",
+                "queue_num",
+                "idle_timeout",
+                "syn_timeout",
+                "fin_linger",
+                "offload",
+            ),
+        )
+        port_range = self.port_range(section.get("port_range"), f"{key}.port_range")
+        addrs = section.get("source_addrs", [])
+        if not isinstance(addrs, list) or not all(isinstance(a, str) for a in addrs):
+            raise self.fail(f"{key}.source_addrs", "must be a list of IPv4 address strings")
+        source_addrs = tuple(self.ipv4(a, f"{key}.source_addrs") for a in addrs)
+        if len(set(source_addrs)) != len(source_addrs):
+            raise self.fail(f"{key}.source_addrs", "lists an address twice")
+        return PassthroughConfig(
+            connection_tracker_capacity=self.integer(
+                section, key, "connection_tracker_capacity", 20000, 1, 10**7
+            ),
+            workers=self.integer(section, key, "workers", 1, 1, 256),
+            stats_update_frequency=self.seconds(section, key, "stats_update_frequency", 5.0),
+            port_range=port_range,
+            port_reuse_delay=self.seconds(section, key, "port_reuse_delay", 60.0, lo=-1.0),
+            source_addrs=source_addrs,
+            queue_num=self.integer(section, key, "queue_num", 0, 0, 65535),
+            idle_timeout=self.seconds(section, key, "idle_timeout", 300.0),
+            syn_timeout=self.seconds(section, key, "syn_timeout", 10.0),
+            fin_linger=self.seconds(section, key, "fin_linger", 2.0),
+            offload=self.flag(section, key, "offload", False),
+        )
+
+    def port_range(self, value: Any, key: str) -> tuple[int, int]:
+        if value is None:
+            return DEFAULT_PORT_RANGE
+        if isinstance(value, str):
+            lo_text, sep, hi_text = value.partition("-")
+            if not sep or not lo_text.strip().isdigit() or not hi_text.strip().isdigit():
+                raise self.fail(key, f'must be "LOW-HIGH" or [LOW, HIGH], got {value!r}')
+            lo, hi = int(lo_text), int(hi_text)
+        elif isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value):
+            lo, hi = value
+        else:
+            raise self.fail(key, f'must be "LOW-HIGH" or [LOW, HIGH], got {value!r}')
+        if not 1024 <= lo <= hi <= 65535:
+            raise self.fail(key, f"must satisfy 1024 <= LOW <= HIGH <= 65535, got {lo}-{hi}")
+        return (lo, hi)
+
+    def dsr(
+        self, value: Any, frontends: Mapping[str, FrontendConfig], backends: Mapping[str, BackendConfig]
+    ) -> DsrConfig:
+        key = "dsr"
+        section = self.table(value, key)
+        self.known(
+            section,
+            key,
+            (
+                "rewrite",
+                "egress_nat",
+                "queue_num",
+                "idle_timeout",
+                "fwmark_base",
+                "route_table_base",
+                "offload",
+            ),
+        )
+        rewrite = Rewrite(self.choice(section, key, "rewrite", DSR_REWRITES, "ip"))
+        egress = self.choice(section, key, "egress_nat", EGRESS_NAT_METHODS, "auto")
+        if rewrite == Rewrite.IP and egress == "tc":
+            # tc's nat action rewrites addresses only: a server port that differs from the listen port could not be
+            # put back in the server's replies.
+            for front in frontends.values():
+                for server in backends[front.backend].servers:
+                    if server.addr.port != front.listen_addr.port:
+                        raise self.fail(
+                            f"backends.{front.backend}.servers.{server.name}.addr",
+                            f"port {server.addr.port} differs from frontends.{front.name}.listen_addr port "
+                            f'{front.listen_addr.port}; dsr.egress_nat = "tc" cannot restore ports '
+                            '(use "nft" or "auto", or the same port)',
+                        )
+        return DsrConfig(
+            rewrite=rewrite,
+            egress_nat=egress,
+            queue_num=self.integer(section, key, "queue_num", 0, 0, 65535),
+            idle_timeout=self.seconds(section, key, "idle_timeout", 300.0),
+            fwmark_base=self.integer(section, key, "fwmark_base", 0x100, 1, 0x7FFF0000),
+            route_table_base=self.integer(section, key, "route_table_base", 100, 1, 0x7FFF0000),
+            offload=self.flag(section, key, "offload", False),
+        )
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _kind(value: Any) -> str:
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }
+    return names.get(type(value), type(value).__name__)
+
+
+def _is_prime(n: int) -> bool:
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    return all(n % d for d in range(3, math.isqrt(n) + 1, 2))
