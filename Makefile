@@ -17,6 +17,7 @@ help:
 	@echo "make lint                  ruff + mypy --strict on convey/"
 	@echo "make bench                 proxy and packet-path benchmarks (ratios against HAProxy/kernel/accept-only)"
 	@echo "make install-rules CONFIG=FILE [MODE=passthrough|dsr]   iptables rules + sysctls in this namespace"
+	@echo "                   [OFFLOAD=1]                           the flow offload rule set (show-rules too)"
 	@echo "make remove-rules  CONFIG=FILE                           remove exactly those rules"
 	@echo "make clean-netns           remove leftover test namespaces (cvy-*): python -m testbed clean"
 
@@ -67,13 +68,15 @@ bench-quick: venv
 	$(PY) bench/packet.py --quick
 
 install-rules: venv
-	$(VENV)/bin/convey rules install --config=$(CONFIG) $(if $(filter dsr,$(MODE)),--dsr,--passthrough)
+	$(VENV)/bin/convey rules install --config=$(CONFIG) $(if $(filter dsr,$(MODE)),--dsr,--passthrough) \
+	  $(if $(filter 1 yes true,$(OFFLOAD)),--offload)
 
 remove-rules: venv
 	$(VENV)/bin/convey rules remove --config=$(CONFIG)
 
 show-rules: venv
-	$(VENV)/bin/convey rules show --config=$(CONFIG) $(if $(filter dsr,$(MODE)),--dsr,--passthrough)
+	$(VENV)/bin/convey rules show --config=$(CONFIG) $(if $(filter dsr,$(MODE)),--dsr,--passthrough) \
+	  $(if $(filter 1 yes true,$(OFFLOAD)),--offload)
 
 clean-netns:
 	@if [ -x $(PY) ]; then $(PY) -m testbed clean; \

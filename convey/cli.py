@@ -126,6 +126,9 @@ def cmd_check(argv: Sequence[str]) -> int:
         except ConfigError as exc:
             print(f"convey: config error: {exc}", file=sys.stderr)
             return EXIT_CONFIG
+        except ConveyError as exc:
+            print(f"convey: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
     print(summary(config, mode))
     return EXIT_OK
 

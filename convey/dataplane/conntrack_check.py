@@ -56,6 +56,12 @@ _TARGETS = (
     ("CONNMARK", "xt_connmark", "CONFIG_NETFILTER_XT_CONNMARK", "keep the server's mark in the connection"),
     ("DNAT", "xt_nat", "CONFIG_NETFILTER_XT_NAT", "send the connection to its server"),
     ("SNAT", "xt_nat", "CONFIG_NETFILTER_XT_NAT", "passthrough: the balancer's source address"),
+    (
+        "MASQUERADE",
+        "xt_MASQUERADE",
+        "CONFIG_NETFILTER_XT_TARGET_MASQUERADE",
+        "passthrough: the route's source address",
+    ),
     ("CT", "xt_CT", "CONFIG_NETFILTER_XT_TARGET_CT", "DSR: keep SYNs out of conntrack"),
 )
 # sysctl file under /proc/sys/net/netfilter, module, kernel option, why

@@ -3,7 +3,9 @@
 The one entry point the data plane and the CLI use; the seams live in modules of their own:
 
 - :mod:`.ruleset` renders the rule set from a config (pure, unit-tested): :func:`render`, :func:`show`,
-  :func:`chain_rules`, :func:`server_marks`;
+  :func:`chain_rules`, :func:`server_marks`; :mod:`.offload` the flow offload rule sets (mangle/nat, and raw
+  for DSR) and their mark plan, :class:`OffloadPlan` / :func:`offload_plan` (pure); :mod:`.offload_kernel`
+  checks the kernel has what offload needs;
 - :mod:`.iptables` loads it with ``iptables-restore --noflush`` and reads it back with ``iptables-save``;
 - :mod:`.sysctls` decides, sets and restores the sysctls; :mod:`.routing` the DSR mac policy routing;
 - :mod:`convey.dataplane.kernel_state` keeps the record of what changed.
@@ -22,10 +24,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from convey.config import Config
+from convey.config import Config, offloaded
 from convey.dataplane import kernel_state
 from convey.dataplane.kernel_state import StateFile
-from convey.dataplane.rules import iptables, routing, sysctls
+from convey.dataplane.rules import iptables, offload, routing, ruleset, sysctls
+from convey.dataplane.rules.offload import OffloadPlan, offload_plan
+from convey.dataplane.rules.offload_kernel import require_kernel
 from convey.dataplane.rules.ruleset import (
     CHAIN,
     HOOK,
@@ -35,12 +39,10 @@ from convey.dataplane.rules.ruleset import (
     RulesError,
     chain_rules,
     packet_mode,
-    render,
     server_marks,
-    show,
     uses_marks,
 )
-from convey.modes import Rewrite
+from convey.modes import Mode, Rewrite
 
 __all__ = [
     "CHAIN",
@@ -48,10 +50,12 @@ __all__ = [
     "JUMP_RULE",
     "MODES",
     "TABLE",
+    "OffloadPlan",
     "RulesError",
     "chain_rules",
     "install",
     "installed_rules",
+    "offload_plan",
     "present",
     "problems",
     "remove",
@@ -76,27 +80,70 @@ def _load(state: StateFile) -> dict[str, Any]:
     return doc
 
 
-def install(config: Config, mode: str, *, state_dir: Path | None = None) -> list[str]:
+def _wanted(config: Config, mode: Mode, plan: OffloadPlan | None) -> dict[offload.ChainKey, list[str]]:
+    """The rules of each chain ``mode`` uses (validates the VIPs): offload's chains or the per-packet one."""
+    if offloaded(config, mode):
+        return offload.chains(config, mode, plan)
+    return {(TABLE, CHAIN): chain_rules(config, mode)}
+
+
+def _labels(config: Config, mode: Mode) -> tuple[str, str]:
+    kind = f"{mode} offload" if offloaded(config, mode) else str(mode)
+    return f"{kind} mode", f"{kind} rules for {config.path}"
+
+
+def _host_marks(config: Config, mode: Mode, plan: OffloadPlan | None) -> dict[str, int] | None:
+    """DSR mac with offload: the plan's marks per server address, so the policy routing keeps them."""
+    if not offloaded(config, mode):
+        return None
+    return offload.host_marks(config, plan if plan is not None else offload_plan(config, mode))
+
+
+def render(config: Config, mode: str, plan: OffloadPlan | None = None) -> str:
+    """``mode``'s rule set as ``iptables-restore --noflush`` input (offload's when the config asks for it)."""
+    if offloaded(config, mode):
+        return offload.render(config, mode, plan)
+    return ruleset.render(config, mode)
+
+
+def show(config: Config, mode: str, plan: OffloadPlan | None = None) -> str:
+    """:func:`render` with comments saying what else install does (sysctls, policy routing, marks)."""
+    if offloaded(config, mode):
+        return offload.show(config, mode, plan)
+    return ruleset.show(config, mode)
+
+
+def install(
+    config: Config, mode: str, *, state_dir: Path | None = None, plan: OffloadPlan | None = None
+) -> list[str]:
     """Install (or replace) the convey rule set for ``mode``; idempotent. Returns what changed, one line each.
 
     Order: sysctls, then policy routing, then iptables last, so traffic is diverted only once the rest is
     ready. Problems found first (iptables missing or unusable, a 0.0.0.0 VIP, a DSR mac server not on-link,
-    ip rules or tables in the way) raise ConfigError or RulesError and change nothing.
+    ip rules or tables in the way, with offload a kernel without conntrack, NAT or connmark) raise
+    ConfigError, RulesError or OffloadUnavailable and change nothing. With offload, ``plan`` (None: the
+    config's :func:`offload_plan`) gives the marks; a reload re-installs with the plane's plan in one
+    transaction, and established connections keep their NAT and marks (they live in conntrack).
     """
     mode = packet_mode(mode)
-    chain_rules(config, mode)  # validates the VIPs before anything changes
+    wanted = _wanted(config, mode, plan)  # validates the VIPs before anything changes
     iptables.check_tools()
+    offload_on = offloaded(config, mode)
+    if offload_on:
+        require_kernel(config, mode)
     path = state_file(state_dir)
     state = _load(path)
     lines: list[str] = []
     mac = uses_marks(config, mode)
     with kernel_state.iproute(f"rules install ({mode})") as ipr:
-        planned = routing.check(ipr, config, state["routing"]) if mac else []
+        marks = _host_marks(config, mode, plan)
+        planned = routing.check(ipr, config, state["routing"], marks) if mac else []
         ifaces, warnings = routing.involved_ifaces(ipr, config)
         lines += warnings
         originals = {key: values["old"] for key, values in state["sysctls"].items()}
         try:
-            lines += sysctls.install(sysctls.wanted(config, mode, ifaces, originals), state["sysctls"])
+            want = sysctls.wanted(config, mode, ifaces, originals, offload=offload_on)
+            lines += sysctls.install(want, state["sysctls"])
             if mac:
                 lines += routing.install(ipr, planned, state["routing"])
             else:
@@ -105,7 +152,7 @@ def install(config: Config, mode: str, *, state_dir: Path | None = None) -> list
             state["mode"] = mode
             state["config"] = config.path
             path.save(state)
-    lines += iptables.install(config, mode)
+    lines += iptables.install(wanted, _labels(config, mode)[0])
     for line in lines:
         log.info("rules install: %s", line)
     return lines
@@ -131,19 +178,28 @@ def remove(config: Config | None = None, *, state_dir: Path | None = None) -> li
     return lines
 
 
-def problems(config: Config, mode: str) -> list[str]:
-    """What is missing for ``mode`` with this config; empty when the rule set is fully in place."""
+def problems(config: Config, mode: str, plan: OffloadPlan | None = None) -> list[str]:
+    """What is missing for ``mode`` with this config; empty when the rule set is fully in place.
+
+    With offload, a kernel lacking what it needs raises OffloadUnavailable (a ConveyError naming each
+    missing piece and how to get it): no install can fix that.
+    """
     mode = packet_mode(mode)
-    found = iptables.problems(config, mode) + sysctls.problems(config, mode)
+    offload_on = offloaded(config, mode)
+    if offload_on:
+        require_kernel(config, mode)
+    label = _labels(config, mode)[1]
+    found = iptables.problems(_wanted(config, mode, plan), label)
+    found += sysctls.problems(config, mode, offload=offload_on)
     if uses_marks(config, mode):
         with kernel_state.iproute("rules check") as ipr:
-            found += routing.problems(ipr, config)
+            found += routing.problems(ipr, config, _host_marks(config, mode, plan))
     return found
 
 
-def present(config: Config, mode: str) -> bool:
-    """True when our chain holds the expected rules (and sysctls and policy routing are in place)."""
-    return not problems(config, mode)
+def present(config: Config, mode: str, plan: OffloadPlan | None = None) -> bool:
+    """True when our chains hold the expected rules (and sysctls and policy routing are in place)."""
+    return not problems(config, mode, plan)
 
 
 def installed_rules() -> Iterator[str]:

@@ -15,6 +15,7 @@ each; ``local_moved``: from, to, protocol) so that remove deletes exactly that. 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,10 +136,11 @@ def table_routes(ipr: Any, table: int) -> list[Any]:
 # -- checks before anything changes --------------------------------------------------------------------------
 
 
-def _plan_routes(ipr: Any, config: Config) -> list[Mark]:
-    """The mark plan with the interface of each server, checking each is on a directly connected network."""
+def _plan_routes(ipr: Any, config: Config, marks: Mapping[str, int] | None = None) -> list[Mark]:
+    """The mark plan with the interface of each server, checking each is on a directly connected network.
+    ``marks``: address -> mark to keep (offload's plan across reloads, see ``mark_plan``)."""
     planned = []
-    for route in mark_plan(config):
+    for route in mark_plan(config, marks):
         back, name = route.servers[0]
         key = f"backends.{back}.servers.{name}.addr"
         found = route_to(ipr, route.gateway)
@@ -159,9 +161,9 @@ def _plan_routes(ipr: Any, config: Config) -> list[Mark]:
     return planned
 
 
-def check(ipr: Any, config: Config, routing: Routing) -> list[Mark]:
+def check(ipr: Any, config: Config, routing: Routing, marks: Mapping[str, int] | None = None) -> list[Mark]:
     """Everything that could stop the DSR mac routing, checked before anything changes; returns the plan."""
-    planned = _plan_routes(ipr, config)
+    planned = _plan_routes(ipr, config, marks)
     previous = routing.get("marks", [])
     rules = ip_rules(ipr)
     for item in planned:
@@ -310,12 +312,12 @@ def guess(ipr: Any, config: Config) -> Routing:
     return routing
 
 
-def problems(ipr: Any, config: Config) -> list[str]:
-    """What is missing of the DSR mac policy routing for ``config``."""
+def problems(ipr: Any, config: Config, marks: Mapping[str, int] | None = None) -> list[str]:
+    """What is missing of the DSR mac policy routing for ``config`` (``marks``: as for :func:`check`)."""
     found = []
     rules = ip_rules(ipr)
     local = local_rule(rules)
-    for route in mark_plan(config):
+    for route in mark_plan(config, marks):
         mark_rules = [r for r in rules if r["fwmark"] == route.mark and r["table"] == route.table]
         if not mark_rules:
             found.append(f"no ip rule fwmark {route.mark:#x} lookup {route.table}")

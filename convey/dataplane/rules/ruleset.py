@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from convey.config import Config, ConfigError
@@ -194,14 +195,34 @@ class MarkRoute:
     servers: tuple[tuple[str, str], ...]  # (backend, server name) sharing that address
 
 
-def mark_plan(config: Config) -> list[MarkRoute]:
-    """One mark and table per distinct server address, in config order (all backends)."""
+def mark_plan(config: Config, marks: Mapping[str, int] | None = None) -> list[MarkRoute]:
+    """One mark and table per distinct server address, in config order (all backends).
+
+    Without ``marks`` the index of an address in config order picks its mark (``dsr.fwmark_base + index``) and
+    table (``dsr.route_table_base + index``). ``marks`` (address -> mark, e.g. an earlier plan's, see
+    :func:`convey.dataplane.rules.offload.offload_plan`) keeps those addresses on their marks across a reload;
+    the others take the lowest free indexes. The table always follows the mark's index.
+    """
     by_host: dict[str, list[tuple[str, str]]] = {}
     for back in config.backends.values():
         for server in back.servers:
             by_host.setdefault(server.addr.host, []).append((back.name, server.name))
+    base = config.dsr.fwmark_base
+    given = dict(marks or {})
+    taken = {mark - base for mark in given.values()}
+    indexes: dict[str, int] = {}
+    free = 0
+    for host in by_host:
+        if host in given:
+            indexes[host] = given[host] - base
+            continue
+        while free in taken:
+            free += 1
+        indexes[host] = free
+        taken.add(free)
     plan: list[MarkRoute] = []
-    for index, (host, servers) in enumerate(by_host.items()):
+    for host, servers in by_host.items():
+        index = indexes[host]
         table = config.dsr.route_table_base + index
         if table in RESERVED_TABLES or table > 0xFFFFFFFF:
             raise ConfigError(
@@ -210,8 +231,8 @@ def mark_plan(config: Config) -> list[MarkRoute]:
                 f"server {servers[0][0]}/{servers[0][1]} would use route table {table}, which is reserved "
                 "(253 default, 254 main, 255 local); choose a base so that base..base+servers-1 avoids them",
             )
-        mark = config.dsr.fwmark_base + index
-        if mark > 0xFFFFFFFF:
+        mark = base + index
+        if index < 0 or mark > 0xFFFFFFFF:
             raise ConfigError(config.path, "dsr.fwmark_base", f"fwmark {mark:#x} does not fit in 32 bits")
         plan.append(MarkRoute(mark, table, host, tuple(servers)))
     return plan

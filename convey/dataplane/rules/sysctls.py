@@ -6,6 +6,8 @@ the VIPs (the rewritten packets carry a balancer address as source: martians wit
 it is 1 (strict filtering drops the rewritten packets even with accept_local, measured; the kernel uses
 max(all, interface), so loose where strict is enough); the ephemeral range added to
 ``ip_local_reserved_ports``. DSR: ``ip_forward=1``, ``send_redirects=0`` on ``all`` and those interfaces.
+With flow offload, the conntrack settings of ``offload.sysctls`` too, and passthrough changes neither
+accept_local nor rp_filter (conntrack NATs the packets: no martians; measured with accept_local=0, rp_filter=1).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from convey.config import Config
 from convey.dataplane import kernel_state
 from convey.dataplane.kernel_state import Recorded
+from convey.dataplane.rules.offload import sysctls as offload_sysctls
 from convey.dataplane.rules.ruleset import IP_FORWARD, RESERVED_PORTS
 from convey.modes import Mode
 
@@ -58,11 +61,20 @@ def wanted(
     ifaces: list[str],
     originals: dict[str, str],
     current: Callable[[str], str] = kernel_state.read,
+    offload: bool = False,
 ) -> dict[str, str]:
     """key -> value for ``mode`` with these interfaces. Decisions that depend on a value (rp_filter, the reserved
-    ports) start from the value before convey changed it (``originals``), else from ``current(key)``."""
+    ports) start from the value before convey changed it (``originals``), else from ``current(key)``.
+    ``offload``: the conntrack settings of :func:`convey.dataplane.rules.offload.sysctls` too, and, passthrough,
+    no accept_local or rp_filter change (conntrack's NAT rewrites; measured unneeded)."""
     result = {IP_FORWARD: "1"}
-    if mode == Mode.PASSTHROUGH:
+    if offload:
+        result.update(offload_sysctls(config, mode))
+    if mode == Mode.PASSTHROUGH and offload:
+        lo, hi = config.passthrough.port_range
+        base = originals.get(RESERVED_PORTS, current(RESERVED_PORTS))
+        result[RESERVED_PORTS] = with_reserved(base, lo, hi)
+    elif mode == Mode.PASSTHROUGH:
         result[ACCEPT_LOCAL] = "1"
         for name in ifaces:
             result[kernel_state.conf_key(name, "accept_local")] = "1"
@@ -90,12 +102,21 @@ def install(want: dict[str, str], recorded: Recorded) -> list[str]:
     return lines
 
 
-def problems(config: Config, mode: Mode) -> list[str]:
+def problems(config: Config, mode: Mode, offload: bool = False) -> list[str]:
     """What is not set as ``mode`` needs (global settings only; per-interface ones are install's business)."""
     found = []
     if kernel_state.read(IP_FORWARD) != "1":
         found.append(f"sysctl {IP_FORWARD} is not 1")
-    if mode == Mode.PASSTHROUGH:
+    if offload:
+        for key, value in offload_sysctls(config, mode).items():
+            now = kernel_state.read(key) if kernel_state.exists(key) else "(missing)"
+            if now != value:
+                found.append(f"sysctl {key} is {now}, not {value}")
+    if mode == Mode.PASSTHROUGH and offload:
+        lo, hi = config.passthrough.port_range
+        if not covers(kernel_state.read(RESERVED_PORTS), lo, hi):
+            found.append(f"sysctl {RESERVED_PORTS} does not reserve {lo}-{hi}")
+    elif mode == Mode.PASSTHROUGH:
         if kernel_state.read(ACCEPT_LOCAL) != "1":
             found.append(f"sysctl {ACCEPT_LOCAL} is not 1")
         if kernel_state.read(RP_FILTER) == "1":
