@@ -33,14 +33,26 @@ class DataPlane(Protocol):
     async def stop(self, timeout: float) -> None: ...
 
 
-def _packet_planes() -> dict[Mode, Callable[..., DataPlane]]:
+def _packet_planes() -> dict[tuple[Mode, bool], Callable[..., DataPlane]]:
+    """The packet planes by (mode, offloaded)."""
+    from convey.dataplane.dsr_offload_plane import DsrOffloadPlane
     from convey.dataplane.dsr_plane import DsrPlane
+    from convey.dataplane.passthrough_offload_plane import PassthroughOffloadPlane
     from convey.dataplane.passthrough_plane import PassthroughPlane
 
-    return {Mode.PASSTHROUGH: PassthroughPlane, Mode.DSR: DsrPlane}
+    planes: dict[tuple[Mode, bool], Callable[..., DataPlane]] = {
+        (Mode.PASSTHROUGH, False): PassthroughPlane,
+        (Mode.PASSTHROUGH, True): PassthroughOffloadPlane,
+        (Mode.DSR, False): DsrPlane,
+        (Mode.DSR, True): DsrOffloadPlane,
+    }
+    return planes
 
 
-def build_plane(mode: Mode, pools: dict[str, Pool], stats: Stats, options: dict[str, Any]) -> DataPlane:
+def build_plane(
+    mode: Mode, pools: dict[str, Pool], stats: Stats, options: dict[str, Any], offload: bool = False
+) -> DataPlane:
+    """The data plane for ``mode``; ``offload`` (``convey.config.offloaded``) picks the offload plane."""
     if mode is Mode.PROXY:
         from convey.proxy.listeners import ProxyPlane
 
@@ -49,7 +61,8 @@ def build_plane(mode: Mode, pools: dict[str, Pool], stats: Stats, options: dict[
         planes = _packet_planes()
     except ImportError as exc:
         raise StartupError(f"{mode} mode is not available: {exc}") from None
-    return planes[mode](pools, stats, **options)
+    plane = planes[(mode, offload)]
+    return plane(pools, stats, **options)
 
 
 class Engine:
@@ -72,7 +85,7 @@ class Engine:
         self.watch = watch
         self.stats = Stats(mode=self.mode, started=time.time())
         self.pools: dict[str, Pool] = {name: Pool(b, self.mode) for name, b in config.backends.items()}
-        self.plane = build_plane(self.mode, self.pools, self.stats, options)
+        self.plane = build_plane(self.mode, self.pools, self.stats, options, offloaded(config, self.mode))
         self.health = HealthChecker(self.pools)
         self.watcher: ConfigWatcher | None = None
         self.web: StatsServer | None = None

@@ -57,6 +57,7 @@ SO_RCVBUFFORCE = 33
 EVENT_RCVBUF = 8 * 1024 * 1024  # ~10k events of slack (an event skb takes ~750 bytes of buffer)
 BATCH = 64  # datagrams (one event each) per readable event: ~1 ms, so verdicts wait little
 RECV_SIZE = 65536
+REARM_INTERVAL = 0.25  # seconds between re-registrations of the event socket's reader (see Monitor.rearm)
 
 
 class ConntrackError(ConveyError):
@@ -283,6 +284,7 @@ class Monitor:
     _query: socket.socket | None = None
     _seq: int = 0
     _loop: asyncio.AbstractEventLoop | None = None
+    _rearm_timer: asyncio.TimerHandle | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None, initial_dump: bool = True) -> None:
         """Subscribe, then (so nothing falls between the two) take the current table as the starting point.
@@ -298,6 +300,26 @@ class Monitor:
             self.source.attach(loop, self.on_readable)
             if self._query is not None:
                 loop.add_reader(self._query.fileno(), self.on_answers)
+            self._rearm_timer = loop.call_later(REARM_INTERVAL, self._rearm_tick)
+
+    def _rearm_tick(self) -> None:
+        try:
+            self.rearm()
+        except Exception:
+            log.exception("event=conntrack_rearm_error")
+        if self._loop is not None and self.source is not None:
+            self._rearm_timer = self._loop.call_later(REARM_INTERVAL, self._rearm_tick)
+
+    def rearm(self) -> None:
+        """Read what waits, then register the reader again. uvloop (libuv) stops watching a socket that reports
+        an error (POLLERR: the ENOBUFS of an event overflow) and never calls its reader again, so the events
+        would stop for good (measured); ``start`` with a loop calls this every ``REARM_INTERVAL`` seconds."""
+        if self.source is None or self._loop is None:
+            return
+        self.on_readable()
+        fd = self.source.fileno()
+        self._loop.remove_reader(fd)
+        self._loop.add_reader(fd, self.on_readable)
 
     def on_readable(self) -> None:
         if self.source is None:
@@ -397,6 +419,9 @@ class Monitor:
         }
 
     def stop(self) -> None:
+        if self._rearm_timer is not None:
+            self._rearm_timer.cancel()
+            self._rearm_timer = None
         if self.source is not None:
             self.source.close()
             self.source = None

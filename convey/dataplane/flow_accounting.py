@@ -21,7 +21,7 @@ from convey import stats as st
 from convey.balancing.pool import Pool, Server
 from convey.packet.flows import Flow, FlowTable
 
-__all__ = ["CoreCounters", "Decider", "FlowAccounting"]
+__all__ = ["CoreCounters", "Decider", "FlowAccounting", "fold_refused"]
 
 
 class CoreCounters(Protocol):
@@ -107,15 +107,7 @@ class FlowAccounting:
 
     def fold_refused(self, by_frontend: Mapping[str, int]) -> None:
         """Clients the decision refused, per frontend, into the frontend, backend and total counters."""
-        per_backend: dict[str, int] = {}
-        for frontend, n in by_frontend.items():
-            self.stats.frontend(frontend).refused = n
-            backend = self.backend_of.get(frontend)
-            if backend is not None:
-                per_backend[backend] = per_backend.get(backend, 0) + n
-        for backend, n in per_backend.items():
-            self.stats.backend(backend).refused = n
-        self.stats.total.refused = sum(by_frontend.values())
+        fold_refused(self.stats, self.backend_of, by_frontend)
 
     def section(self, decider: Decider | None, edge: Mapping[str, Any]) -> dict[str, Any]:
         """The /stats "packet" section (``edge``: what the queue edge reports about itself); folds open flows'
@@ -129,6 +121,20 @@ class FlowAccounting:
             doc["flows"] = len(decider.flows)
             doc["flow_capacity"] = decider.flows.capacity
         return doc
+
+
+def fold_refused(stats: st.Stats, backend_of: Mapping[str, str], by_frontend: Mapping[str, int]) -> None:
+    """Clients a decision refused, per frontend, into the frontend, backend and total counters (both the flow
+    and the offload accounting)."""
+    per_backend: dict[str, int] = {}
+    for frontend, n in by_frontend.items():
+        stats.frontend(frontend).refused = n
+        backend = backend_of.get(frontend)
+        if backend is not None:
+            per_backend[backend] = per_backend.get(backend, 0) + n
+    for backend, n in per_backend.items():
+        stats.backend(backend).refused = n
+    stats.total.refused = sum(by_frontend.values())
 
 
 def _name(code: Any) -> str:

@@ -12,7 +12,9 @@ sysctls) the config needs are checked, or installed with ``install_rules``; on r
 removed server ends, they are brought in line with the live config (``_rules_config``).
 
 One subclass per mode: ``PassthroughPlane`` (convey/dataplane/passthrough_plane.py) and ``DsrPlane``
-(dsr_plane.py); ``convey.engine.build_plane`` picks the class by ``convey.modes.Mode``.
+(dsr_plane.py), and per mode with flow offload (``PassthroughOffloadPlane``: only first packets are queued, the
+decision is a mark, the counters come from conntrack); ``convey.engine.build_plane`` picks the class by
+``convey.modes.Mode`` and ``convey.config.offloaded``.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ import socket
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 
 from convey import stats as st
 from convey.balancing.pool import Pool, Server
-from convey.config import Address, Config
+from convey.config import Address, Config, offloaded
 from convey.dataplane import rules
 from convey.dataplane.flow_accounting import Decider, FlowAccounting
 from convey.dataplane.nfqueue import Batch, QueueBinding, RawSender, queue_counters
@@ -40,7 +42,17 @@ log = logging.getLogger("convey.packet")
 
 HOUSEKEEPING_INTERVAL = 0.25
 
-D = TypeVar("D", bound=Decider)
+
+class QueueDecider(Protocol):
+    """What the base uses of any mode's decision (a flow plane's is a whole ``Decider``)."""
+
+    vips: Any
+    rst_out: list[bytes]
+
+    def expire(self, now: float) -> None: ...
+
+
+D = TypeVar("D", bound=QueueDecider)
 
 
 def inet(addr: str) -> bytes:
@@ -98,6 +110,15 @@ class PacketPlane(ABC, Generic[D]):
         """What the rules are rendered from (the live config by default)."""
         return config
 
+    def _rules_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``rules.problems``/``rules.install`` besides the config and mode (offload: the
+        mark plan)."""
+        return {}
+
+    def _decision_section(self, edge: dict[str, Any]) -> dict[str, Any]:
+        """The "packet" section from the edge's entries: the decision's counters (flow planes: the flows)."""
+        return self.accounting.section(cast(Decider | None, self.decider), edge)  # a flow plane's D is one
+
     def _section_extras(self) -> dict[str, Any]:
         """The mode's own entries of the /stats "packet" section."""
         return {}
@@ -109,7 +130,7 @@ class PacketPlane(ABC, Generic[D]):
     # -- rules ------------------------------------------------------------------------------------------------
 
     def _ensure_rules(self, config: Config, at_start: bool) -> None:
-        problems = rules.problems(config, self.mode)
+        problems = rules.problems(config, self.mode, **self._rules_options())
         if not problems:
             return
         if at_start and not self.install_rules:
@@ -117,11 +138,14 @@ class PacketPlane(ABC, Generic[D]):
                 "the kernel is not set up for this config: "
                 + "; ".join(problems)
                 + f".\nRun, in this network namespace:  convey rules install --config={config.path} --{self.mode}"
-                + f"\n(or: make install-rules CONFIG={config.path} MODE={self.mode}), or start convey with "
+                + (" --offload" if offloaded(config, self.mode) else "")
+                + f"\n(or: make install-rules CONFIG={config.path} MODE={self.mode}"
+                + (" OFFLOAD=1" if offloaded(config, self.mode) else "")
+                + "), or start convey with "
                 "--install-rules to install them now and remove them at exit."
             )
         try:
-            lines = rules.install(config, self.mode)
+            lines = rules.install(config, self.mode, **self._rules_options())
         except (OSError, ConveyError) as exc:
             raise StartupError(f"installing the {self.mode} rules failed: {exc}") from None
         for line in lines:
@@ -136,7 +160,8 @@ class PacketPlane(ABC, Generic[D]):
                 return False
             config = self._rules_config(self.config)
             try:
-                if not await asyncio.to_thread(rules.problems, config, self.mode):
+                options = self._rules_options()
+                if not await asyncio.to_thread(lambda: rules.problems(config, self.mode, **options)):
                     return False
                 await asyncio.to_thread(self._ensure_rules, config, False)
             except Exception as exc:  # keep serving with the old rules; the error is visible in the log
@@ -278,4 +303,4 @@ class PacketPlane(ABC, Generic[D]):
             edge["resets_failed"] = self._raw.failed
         if self._queue is not None:
             edge["queue"] = {"num": self._queue.queue_num, **queue_counters(self._queue.queue_num)}
-        return self.accounting.section(self.decider, edge)
+        return self._decision_section(edge)

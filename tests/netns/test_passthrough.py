@@ -6,6 +6,12 @@ Every exchange is checked end to end (which server answered, the source address 
 and against convey's /stats, whose counters must be exact: connections opened and closed and TCP payload bytes
 per direction, per server, and the packet-path counters (verdicts, drops by reason, flows, ports in use, queue
 drops). Nothing waits by sleeping: every wait polls a condition with a deadline.
+
+Most tests run twice (the ``offload`` fixture): per packet (every packet through convey) and with flow offload
+(``[passthrough] offload = true``: convey decides the first packet, conntrack NAT carries the rest, and the
+counters come from conntrack events, so they settle a moment after the client is done: tests poll for them).
+Tests of per-packet internals (flow table, port allocator, per-packet verdicts) run per packet only, each
+saying why. tests/netns/test_offload_passthrough.py has what only offload has.
 """
 
 from __future__ import annotations
@@ -161,6 +167,8 @@ CLIENT = textwrap.dedent(
 
 
 def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return json.dumps(value)
     if isinstance(value, list | tuple):
@@ -176,10 +184,12 @@ def make_config(
     interval: float = 1.0,
     rise: int = 2,
     fall: int = 3,
+    offload: bool = False,
     **passthrough: Any,
 ) -> str:
     """A passthrough config for the bed: one frontend on the VIP, the given servers (default all) in one backend;
-    ``passthrough`` keys go to ``[passthrough]`` (fin_linger defaults to 0.3 s so closed flows leave quickly)."""
+    ``passthrough`` keys go to ``[passthrough]`` (fin_linger defaults to 0.3 s so closed flows leave quickly);
+    ``offload`` turns flow offload on."""
     servers = list(range(len(bed.servers))) if servers is None else servers
     lines = [
         "[frontends.web]",
@@ -196,6 +206,8 @@ def make_config(
         if weights and i in weights:
             lines.append(f"weight = {weights[i]}")
     passthrough.setdefault("fin_linger", 0.3)
+    if offload:
+        passthrough["offload"] = True
     lines.append("[passthrough]")
     lines += [f"{key} = {toml_value(value)}" for key, value in passthrough.items()]
     return "\n".join(lines) + "\n"
@@ -250,10 +262,28 @@ def counters(doc: dict[str, Any]) -> dict[str, int]:
     return verdicts
 
 
-def settled(doc: dict[str, Any]) -> bool:
-    """No open connection, no flow, no port in use."""
+def offloaded(doc: dict[str, Any]) -> bool:
+    return "offload" in doc
+
+
+def open_flows(doc: dict[str, Any]) -> int:
+    """Connections the packet path holds: flows per packet, conntrack's connections with offload."""
     packet = doc["packet"]
+    return int(packet["connections"] if offloaded(doc) else packet["flows"])
+
+
+def settled(doc: dict[str, Any]) -> bool:
+    """No open connection, no flow, no port in use (offload: conntrack reported every close)."""
+    packet = doc["packet"]
+    if offloaded(doc):
+        return doc["current_connections"] == 0 and packet["connections"] == 0
     return doc["current_connections"] == 0 and packet["flows"] == 0 and packet["ports_in_use"] == 0
+
+
+def settled_with(sent: int, received: int) -> Callable[[dict[str, Any]], bool]:
+    """Settled, and at least these payload bytes counted each way (offload: the byte counts come from conntrack
+    at the close, a moment after the close itself)."""
+    return lambda doc: settled(doc) and doc["bytes_tx"] >= sent and doc["bytes_rx"] >= received
 
 
 def assert_clean(doc: dict[str, Any]) -> None:
@@ -282,12 +312,16 @@ def retransmitted_segments(host: Host) -> int:
 
 
 def queued_packets(lb: Host) -> dict[str, int]:
-    """Packets each NFQUEUE rule of convey's chain sent to the queue, keyed by the rule's comment."""
+    """Packets each NFQUEUE rule of convey's chains sent to the queue, keyed by the rule's comment (per packet
+    the rules are in ``raw``, with offload in ``mangle``)."""
     found: dict[str, int] = {}
-    for line in lb.run(["iptables-save", "-c", "-t", "raw"]).stdout.splitlines():
-        match = re.match(r"\[(\d+):\d+\] -A CONVEY-PREROUTING .*--comment \"?([^\"]+?)\"? -j NFQUEUE", line)
-        if match:
-            found[match.group(2)] = found.get(match.group(2), 0) + int(match.group(1))
+    for table in ("raw", "mangle"):
+        for line in lb.run(["iptables-save", "-c", "-t", table]).stdout.splitlines():
+            match = re.match(
+                r"\[(\d+):\d+\] -A CONVEY-PREROUTING .*--comment \"?([^\"]+?)\"? -j NFQUEUE", line
+            )
+            if match:
+                found[match.group(2)] = found.get(match.group(2), 0) + int(match.group(1))
     return found
 
 
@@ -305,6 +339,12 @@ def connect_refused_quickly(bed: Testbed, deadline: float = 1.0) -> float:
     took = time.monotonic() - start
     assert took < deadline, f"refusal took {took:.2f}s"
     return took
+
+
+@pytest.fixture(params=[False, True], ids=["per_packet", "offload"])
+def offload(request: pytest.FixtureRequest) -> bool:
+    """Run the test per packet and with flow offload."""
+    return bool(request.param)
 
 
 @pytest.fixture
@@ -329,10 +369,12 @@ def start_servers(bed: Testbed) -> list[HttpServer]:
 # -- traffic --------------------------------------------------------------------------------------------------
 
 
-def test_requests_follow_weights_and_servers_see_the_balancer(beds: Callable[..., Testbed]) -> None:
+def test_requests_follow_weights_and_servers_see_the_balancer(
+    beds: Callable[..., Testbed], offload: bool
+) -> None:
     bed = beds(2)
     webs = start_servers(bed)
-    convey = ConveyProcess(bed, make_config(bed, weights={0: 3, 1: 1})).start()
+    convey = ConveyProcess(bed, make_config(bed, weights={0: 3, 1: 1}, offload=offload)).start()
     results = client(bed, "get", n=40)
     by_server: dict[str, list[dict[str, Any]]] = {"server0": [], "server1": []}
     for result in results:
@@ -342,16 +384,20 @@ def test_requests_follow_weights_and_servers_see_the_balancer(beds: Callable[...
         by_server[name].append(result)
     assert (len(by_server["server0"]), len(by_server["server1"])) == (30, 10)  # wrr 3:1, exactly
 
-    doc = convey.wait_stats(settled, 10, "every flow closed and its port freed")
-    assert_clean(doc)
-    verdicts = counters(doc)
-    assert verdicts["flows_opened"] == verdicts["flows_closed"] == 40
-    assert verdicts["ingress_dropped"] == verdicts["return_dropped"] == 0
-    assert doc["total_connections"] == 40 and doc["refused"] == 0
     sent = sum(r["sent"] for r in results)
     received = sum(r["received"] for r in results)
+    doc = convey.wait_stats(settled_with(sent, received), 10, "every flow closed and its port freed")
+    assert_clean(doc)
+    verdicts = counters(doc)
+    if offload:  # one decision per connection; conntrack reports the closes and the bytes
+        assert verdicts["flows_opened"] == doc["offload"]["closed"] == 40
+        assert verdicts["ingress_accepted"] == 40 and verdicts["return_accepted"] == 0
+    else:
+        assert verdicts["flows_opened"] == verdicts["flows_closed"] == 40
+        assert (verdicts["bytes_tx"], verdicts["bytes_rx"]) == (sent, received)
+    assert verdicts["ingress_dropped"] == verdicts["return_dropped"] == 0
+    assert doc["total_connections"] == 40 and doc["refused"] == 0
     assert (doc["bytes_tx"], doc["bytes_rx"]) == (sent, received)  # the original convey's directions
-    assert (verdicts["bytes_tx"], verdicts["bytes_rx"]) == (sent, received)
     for scope in (doc["frontends"]["web"], doc["backends"]["web_servers"]):
         assert (scope["total_connections"], scope["current_connections"]) == (40, 0)
         assert (scope["bytes_tx"], scope["bytes_rx"]) == (sent, received)
@@ -371,11 +417,11 @@ def test_requests_follow_weights_and_servers_see_the_balancer(beds: Callable[...
     assert all(web.errors() == "" for web in webs)
 
 
-def test_50mb_download_and_upload_arrive_intact(beds: Callable[..., Testbed]) -> None:
+def test_50mb_download_and_upload_arrive_intact(beds: Callable[..., Testbed], offload: bool) -> None:
     bed = beds(1)
     start_servers(bed)
     # default fin_linger (2 s): the flow is still in the table when the stats are read right after
-    convey = ConveyProcess(bed, make_config(bed, fin_linger=2.0)).start()
+    convey = ConveyProcess(bed, make_config(bed, fin_linger=2.0, offload=offload)).start()
     size = 50 * 1024 * 1024
     retrans_before = retransmitted_segments(bed.client) + retransmitted_segments(bed.servers[0])
 
@@ -383,8 +429,10 @@ def test_50mb_download_and_upload_arrive_intact(beds: Callable[..., Testbed]) ->
     assert down["error"] is None and down["status"].startswith("HTTP/1.1 200"), down
     assert down["received"] - down["header_len"] == size
     assert down["sha256"] == payload_sha256(size)
-    # read at once: open (lingering) flows' bytes must already be in the per-server counters
-    doc = convey.stats()
+    if offload:  # conntrack's counters arrive with the close
+        doc = convey.wait_stats(settled_with(down["sent"], down["received"]), 10, "the download's bytes")
+    else:  # read at once: open (lingering) flows' bytes must already be in the per-server counters
+        doc = convey.stats()
     server = doc["backends"]["web_servers"]["server_detail"]["s0"]
     exact = retransmitted_segments(bed.client) + retransmitted_segments(bed.servers[0]) == retrans_before
     if exact:  # a retransmitted segment is payload the balancer forwarded twice
@@ -394,10 +442,10 @@ def test_50mb_download_and_upload_arrive_intact(beds: Callable[..., Testbed]) ->
     up = client(bed, "upload", size=size, timeout=60)
     assert up["error"] is None and up["status"].startswith("HTTP/1.1 200"), up
     assert up["body_start"] == payload_sha256(size)  # the server's sha256 of what it received
-    doc = convey.wait_stats(settled, 10, "both flows closed")
+    sent, received = down["sent"] + up["sent"], down["received"] + up["received"]
+    doc = convey.wait_stats(settled_with(sent, received), 10, "both flows closed")
     assert_clean(doc)
     exact = retransmitted_segments(bed.client) + retransmitted_segments(bed.servers[0]) == retrans_before
-    sent, received = down["sent"] + up["sent"], down["received"] + up["received"]
     if exact:
         assert (doc["bytes_tx"], doc["bytes_rx"]) == (sent, received)
     assert doc["bytes_tx"] >= sent and doc["bytes_rx"] >= received
@@ -405,12 +453,14 @@ def test_50mb_download_and_upload_arrive_intact(beds: Callable[..., Testbed]) ->
     stop_clean(convey)
 
 
-def test_bytes_tx_counts_client_to_server_and_bytes_rx_the_replies(beds: Callable[..., Testbed]) -> None:
+def test_bytes_tx_counts_client_to_server_and_bytes_rx_the_replies(
+    beds: Callable[..., Testbed], offload: bool
+) -> None:
     """The original convey's directions at every level: ``bytes_tx`` the payload the clients sent towards the
     servers, ``bytes_rx`` the payload that came back. An upload and a download of known, different sizes."""
     bed = beds(1)
     start_servers(bed)
-    convey = ConveyProcess(bed, make_config(bed)).start()
+    convey = ConveyProcess(bed, make_config(bed, offload=offload)).start()
     retrans_before = retransmitted_segments(bed.client) + retransmitted_segments(bed.servers[0])
     up_size, down_size = 400_000, 150_000
     up = client(bed, "upload", size=up_size)
@@ -419,7 +469,7 @@ def test_bytes_tx_counts_client_to_server_and_bytes_rx_the_replies(beds: Callabl
     assert down["error"] is None and down["sha256"] == payload_sha256(down_size), down
     sent, received = up["sent"] + down["sent"], up["received"] + down["received"]
     assert sent > up_size > received > down_size  # the two directions differ by far
-    doc = convey.wait_stats(settled, 10, "both flows closed")
+    doc = convey.wait_stats(settled_with(sent, received), 10, "both flows closed")
     assert_clean(doc)
     retransmitted = (
         retransmitted_segments(bed.client) + retransmitted_segments(bed.servers[0]) - retrans_before
@@ -434,19 +484,20 @@ def test_bytes_tx_counts_client_to_server_and_bytes_rx_the_replies(beds: Callabl
     stop_clean(convey)
 
 
-def test_500_concurrent_connections_complete(beds: Callable[..., Testbed]) -> None:
+def test_500_concurrent_connections_complete(beds: Callable[..., Testbed], offload: bool) -> None:
     bed = beds(2)
     start_servers(bed)
-    convey = ConveyProcess(bed, make_config(bed)).start()
+    convey = ConveyProcess(bed, make_config(bed, offload=offload)).start()
     n = 500
     proc = client_popen(bed, "concurrent", n=n, timeout=60)
     try:
         line = read_line(proc, 60)
         assert line == f"CONNECTED {n}", line
-        # all of them open through the balancer at the same time
-        doc = convey.stats()
-        assert doc["current_connections"] == n and doc["packet"]["flows"] == n
-        assert doc["packet"]["ports_in_use"] == n
+        # all of them open through the balancer at the same time (offload: once conntrack reported them)
+        doc = convey.wait_stats(lambda d: d["current_connections"] >= n, 10, f"{n} connections open")
+        assert doc["current_connections"] == n and open_flows(doc) == n
+        if not offload:
+            assert doc["packet"]["ports_in_use"] == n
         result = finish(proc, 60)
     finally:
         if proc.poll() is None:
@@ -461,7 +512,8 @@ def test_500_concurrent_connections_complete(beds: Callable[..., Testbed]) -> No
     assert names == {"server0": n // 2, "server1": n // 2}
     doc = convey.wait_stats(settled, 15, "all 500 flows closed")
     assert_clean(doc)
-    assert doc["total_connections"] == n and counters(doc)["flows_closed"] == n
+    closed = doc["offload"]["closed"] if offload else counters(doc)["flows_closed"]
+    assert doc["total_connections"] == n and closed == n
     detail = doc["backends"]["web_servers"]["server_detail"]
     assert [detail[s]["total_connections"] for s in ("s0", "s1")] == [n // 2, n // 2]
     stop_clean(convey)
@@ -470,10 +522,12 @@ def test_500_concurrent_connections_complete(beds: Callable[..., Testbed]) -> No
 # -- servers come and go --------------------------------------------------------------------------------------
 
 
-def test_killed_server_is_taken_out_and_new_connections_succeed(beds: Callable[..., Testbed]) -> None:
+def test_killed_server_is_taken_out_and_new_connections_succeed(
+    beds: Callable[..., Testbed], offload: bool
+) -> None:
     bed = beds(2)
     webs = start_servers(bed)
-    convey = ConveyProcess(bed, make_config(bed, interval=0.2, rise=1, fall=2)).start()
+    convey = ConveyProcess(bed, make_config(bed, interval=0.2, rise=1, fall=2, offload=offload)).start()
     load = client_popen(bed, "loop", max_n=5000, max_time=60, timeout=3.0)
     try:
         convey.wait_stats(lambda d: d["total_connections"] >= 20, 20, "load through both servers")
@@ -502,13 +556,13 @@ def test_killed_server_is_taken_out_and_new_connections_succeed(beds: Callable[.
     stop_clean(convey)
 
 
-def test_reload_adds_a_third_server_which_gets_traffic(beds: Callable[..., Testbed]) -> None:
+def test_reload_adds_a_third_server_which_gets_traffic(beds: Callable[..., Testbed], offload: bool) -> None:
     bed = beds(3)
     start_servers(bed)
-    convey = ConveyProcess(bed, make_config(bed, servers=[0, 1])).start()
+    convey = ConveyProcess(bed, make_config(bed, servers=[0, 1], offload=offload)).start()
     first = [served_by(r)[0] for r in client(bed, "get", n=4)]
     assert sorted(first) == ["server0", "server0", "server1", "server1"]
-    convey.write_config(make_config(bed, servers=[0, 1, 2]))  # the file watcher notices
+    convey.write_config(make_config(bed, servers=[0, 1, 2], offload=offload))  # the file watcher notices
     convey.wait_stats(
         lambda d: d["reloads"] == 1 and "s2" in d["backends"]["web_servers"]["server_detail"],
         15,
@@ -518,28 +572,39 @@ def test_reload_adds_a_third_server_which_gets_traffic(beds: Callable[..., Testb
     seen = [served_by(r) for r in results]
     assert Counter(name for name, _, _ in seen) == {"server0": 2, "server1": 2, "server2": 2}
     assert {addr for name, addr, _ in seen if name == "server2"} == {bed.lb_addr_towards(2)}
-    doc = convey.wait_stats(settled, 10, "flows closed")
+    s2_received = sum(
+        r["received"] for r, (name, _, _) in zip(results, seen, strict=True) if name == "server2"
+    )
+    doc = convey.wait_stats(
+        lambda d: (
+            settled(d) and d["backends"]["web_servers"]["server_detail"]["s2"]["bytes_rx"] >= s2_received
+        ),
+        10,
+        "flows closed",
+    )
     assert_clean(doc)
     s2 = doc["backends"]["web_servers"]["server_detail"]["s2"]
     assert s2["total_connections"] == 2
-    assert s2["bytes_rx"] == sum(r["received"] for r, (name, _, _) in zip(results, seen, strict=True)
-                                 if name == "server2")  # fmt: skip
-    assert "198.18.3.2" in bed.lb.run(["iptables-save", "-t", "raw"]).stdout  # its return path is queued
+    assert s2["bytes_rx"] == s2_received
+    # per packet its return path is queued (raw); with offload the nat table DNATs to it by its mark
+    assert "198.18.3.2" in bed.lb.run(["iptables-save", "-t", "nat" if offload else "raw"]).stdout
     stop_clean(convey)
 
 
-def test_removed_server_open_connection_completes(beds: Callable[..., Testbed]) -> None:
+def test_removed_server_open_connection_completes(beds: Callable[..., Testbed], offload: bool) -> None:
     bed = beds(2)
     start_servers(bed)
-    convey = ConveyProcess(bed, make_config(bed)).start()
+    convey = ConveyProcess(bed, make_config(bed, offload=offload)).start()
     socks = [bed.client.connect(bed.vip, VIP_PORT) for _ in range(2)]  # wrr: the second goes to server1
     try:
-        doc = convey.stats()
+        doc = convey.wait_stats(lambda d: d["current_connections"] == 2, 5, "both connections open")
         assert [doc["backends"]["web_servers"]["server_detail"][s]["current_connections"] for s in ("s0", "s1")] \
             == [1, 1]  # fmt: skip
-        convey.write_config(make_config(bed, servers=[0]))
+        convey.write_config(make_config(bed, servers=[0], offload=offload))
         doc = convey.wait_stats(lambda d: d["reloads"] == 1, 15, "the reload removing server1")
         assert doc["backends"]["web_servers"]["server_detail"]["s1"]["state"] == "removed-draining"
+        if offload:  # it keeps its mark while conntrack holds its connection
+            assert "web_servers/s1" in doc["offload"]["marks"]
         # new connections go to server0 only
         assert {served_by(r)[0] for r in client(bed, "get", n=4)} == {"server0"}
         # the open connection to server1 still works both ways: a 1 MB download on it
@@ -557,25 +622,70 @@ def test_removed_server_open_connection_completes(beds: Callable[..., Testbed]) 
     finally:
         for sock in socks:
             sock.close()
-    # once its last flow is gone, server1 is forgotten and its return-path rules go
+    # once its last flow is gone, server1 is forgotten and its rules go (per packet its return path; with
+    # offload its mark: the plan no longer holds it)
     doc = convey.wait_stats(
-        lambda d: settled(d) and "s1" not in d["backends"]["web_servers"]["server_detail"],
+        lambda d: settled_with(0, size)(d) and "s1" not in d["backends"]["web_servers"]["server_detail"],
         10,
         "server1 to drain",
     )
     assert_clean(doc)
+    if offload:  # its mark is released once conntrack reported its last close, and the rules are checked
+        convey.wait_stats(
+            lambda d: (
+                "web_servers/s1" not in d["offload"]["marks"] and d["offload"]["rules_updates_pending"] == 0
+            ),
+            10,
+            "server1's mark to be released",
+        )
     wait_until(
-        lambda: "198.18.2.2" not in bed.lb.run(["iptables-save", "-t", "raw"]).stdout,
+        lambda: "198.18.2.2" not in bed.lb.run(["iptables-save"]).stdout,
         10,
-        "server1's return-path rules to be removed",
+        "server1's rules to be removed",
     )
     assert doc["backends"]["web_servers"]["bytes_rx"] >= size
     stop_clean(convey)
 
 
-def test_no_healthy_server_refuses_with_rst_promptly(beds: Callable[..., Testbed]) -> None:
+def test_weight_0_drains_a_server_and_its_open_connection_completes(
+    beds: Callable[..., Testbed], offload: bool
+) -> None:
+    bed = beds(2)
+    start_servers(bed)
+    convey = ConveyProcess(bed, make_config(bed, offload=offload)).start()
+    socks = [bed.client.connect(bed.vip, VIP_PORT) for _ in range(2)]  # wrr: the second goes to server1
+    try:
+        convey.wait_stats(lambda d: d["current_connections"] == 2, 5, "both connections open")
+        convey.write_config(make_config(bed, weights={1: 0}, offload=offload))
+        doc = convey.wait_stats(lambda d: d["reloads"] == 1, 15, "the reload draining server1")
+        s1 = doc["backends"]["web_servers"]["server_detail"]["s1"]
+        assert s1["state"] == "draining" and s1["current_connections"] == 1
+        assert {served_by(r)[0] for r in client(bed, "get", n=4)} == {"server0"}  # no new connection to it
+        size = 1_000_000
+        sock = socks[1]
+        sock.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: vip\r\n\r\n".encode())
+        data = b""
+        deadline = time.monotonic() + 20
+        while chunk := sock.recv(1 << 18):
+            data += chunk
+            assert time.monotonic() < deadline
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and len(body) == size
+        assert f"x-sha256: {payload_sha256(size)}".encode() in head.lower()
+    finally:
+        for sock in socks:
+            sock.close()
+    doc = convey.wait_stats(settled_with(0, size), 10, "every connection closed")
+    assert_clean(doc)
+    s1 = doc["backends"]["web_servers"]["server_detail"]["s1"]
+    assert (s1["total_connections"], s1["current_connections"], s1["state"]) == (1, 0, "draining")
+    assert s1["bytes_rx"] >= size
+    stop_clean(convey)
+
+
+def test_no_healthy_server_refuses_with_rst_promptly(beds: Callable[..., Testbed], offload: bool) -> None:
     bed = beds(2)  # no server process runs: every health check fails
-    convey = ConveyProcess(bed, make_config(bed, interval=0.2, rise=1, fall=1)).start()
+    convey = ConveyProcess(bed, make_config(bed, interval=0.2, rise=1, fall=1, offload=offload)).start()
     convey.wait_stats(
         lambda d: not any(s["healthy"] for s in d["backends"]["web_servers"]["server_detail"].values()),
         10,
@@ -589,7 +699,9 @@ def test_no_healthy_server_refuses_with_rst_promptly(beds: Callable[..., Testbed
     assert doc["packet"]["resets_sent"] == 3 and doc["packet"]["resets_failed"] == 0
     assert doc["refused"] == 3 and doc["total_connections"] == 0
     assert doc["frontends"]["web"]["refused"] == 3 and doc["backends"]["web_servers"]["refused"] == 3
-    assert verdicts["flows_opened"] == 0 and doc["packet"]["ports_in_use"] == 0
+    assert verdicts["flows_opened"] == 0 and open_flows(doc) == 0
+    if not offload:
+        assert doc["packet"]["ports_in_use"] == 0
     # a server comes up: it is taken in, and connections succeed again
     start_httpd(bed.servers[1], port=SERVER_PORT)
     convey.wait_stats(
@@ -602,6 +714,8 @@ def test_no_healthy_server_refuses_with_rst_promptly(beds: Callable[..., Testbed
 # -- flows and ports ------------------------------------------------------------------------------------------
 
 
+# Per packet only: the flow table's timeouts and the port allocator are the per-packet path's own; with offload
+# conntrack's timeouts hold the connection and the kernel picks the port (test_offload_passthrough.py).
 def test_closed_and_expired_flows_free_their_ports(beds: Callable[..., Testbed]) -> None:
     bed = beds(1)
     start_servers(bed)
@@ -650,6 +764,8 @@ def test_closed_and_expired_flows_free_their_ports(beds: Callable[..., Testbed])
     stop_clean(convey)
 
 
+# Per packet only: convey's port allocator and port_reuse_delay; with offload the kernel's SNAT picks the port
+# (2 x 30,000 connections through one source address: test_offload_passthrough.py).
 def test_more_connections_than_the_port_range_holds(beds: Callable[..., Testbed]) -> None:
     """300 connections one after another to one server through a 50-port range: the server keeps each
     (balancer addr, port) tuple in TIME_WAIT for 60 s, so ports are not reused within port_reuse_delay and six
@@ -687,14 +803,16 @@ def test_more_connections_than_the_port_range_holds(beds: Callable[..., Testbed]
     stop_clean(convey)
 
 
-def test_table_full_refuses_with_rst_and_counts(beds: Callable[..., Testbed]) -> None:
+def test_table_full_refuses_with_rst_and_counts(beds: Callable[..., Testbed], offload: bool) -> None:
     bed = beds(1)
     start_servers(bed)
-    convey = ConveyProcess(bed, make_config(bed, connection_tracker_capacity=5)).start()
+    convey = ConveyProcess(bed, make_config(bed, connection_tracker_capacity=5, offload=offload)).start()
     socks = [bed.client.connect(bed.vip, VIP_PORT) for _ in range(5)]
     try:
-        doc = convey.stats()
-        assert doc["packet"]["flows"] == 5 and doc["packet"]["flow_capacity"] == 5
+        # offload: the table is the connections conntrack reported open
+        doc = convey.wait_stats(lambda d: open_flows(d) == 5, 5, "5 connections open")
+        capacity = doc["packet"]["connection_capacity" if offload else "flow_capacity"]
+        assert open_flows(doc) == 5 and capacity == 5
         connect_refused_quickly(bed)
         doc = convey.stats()
         assert counters(doc)["table_full"] == 1 and doc["packet"]["resets_sent"] == 1
@@ -758,6 +876,7 @@ def flood_frame(bed: Testbed, cport: int, payload: bytes) -> bytes:
     return mac[0] + mac[1] + b"\x08\x00" + bytes(ip) + bytes(tcp)
 
 
+# Per packet only: the flood repeats a segment of an established flow, which with offload never leaves the kernel.
 def test_a_flood_does_not_stall_the_control_plane(beds: Callable[..., Testbed]) -> None:
     """More packets than the handler can take: the queue overflows (the kernel drops and counts), and convey's
     event loop still runs between batches of verdicts: /stats answers, health checks go on, SIGTERM stops it."""
@@ -885,6 +1004,9 @@ MALFORMED: dict[str, tuple[dict[str, int], dict[str, int]]] = {
 }
 
 
+# Per packet only: with offload conntrack classifies these packets before the queue (INVALID ones are dropped by
+# the rules, no marker reaches convey once a connection exists); the offload decision's handling of any bytes
+# is property-tested in tests/unit/test_packet_offload.py.
 def test_malformed_packets_do_not_crash_the_engine(beds: Callable[..., Testbed]) -> None:
     bed = beds(1)
     start_servers(bed)
@@ -982,12 +1104,15 @@ def saved_ruleset(host: Host) -> list[str]:
 
 def passthrough_sysctls(host: Host, ifaces: list[str]) -> dict[str, str]:
     keys = ["net.ipv4.ip_forward", "net.ipv4.ip_local_reserved_ports"]
+    keys += [f"net.netfilter.nf_conntrack_{key}" for key in ("acct", "events", "tcp_loose")]
     for iface in ["all", *ifaces]:
         keys += [f"net.ipv4.conf.{iface}.accept_local", f"net.ipv4.conf.{iface}.rp_filter"]
     return {key: host.read_sysctl(key) for key in keys}
 
 
-def test_make_install_rules_then_remove_rules_restores_the_ruleset(beds: Callable[..., Testbed]) -> None:
+def test_make_install_rules_then_remove_rules_restores_the_ruleset(
+    beds: Callable[..., Testbed], offload: bool
+) -> None:
     venv = Path(sys.executable).parent.parent
     if not (venv / "bin" / "convey").exists():
         pytest.skip(f"the convey command is not installed in {venv} (pip install -e .)")
@@ -1001,12 +1126,14 @@ def test_make_install_rules_then_remove_rules_restores_the_ruleset(beds: Callabl
     lb.run(["iptables", "-A", "INPUT", "-p", "tcp", "--dport", "22", "-j", "ACCEPT"])
     ifaces = ["c0", "s0", "s1"]
     rules_before, sysctls_before = saved_ruleset(lb), passthrough_sysctls(lb, ifaces)
-    convey = ConveyProcess(bed, make_config(bed), install_rules=False)  # writes the config file
+    # writes the config file
+    convey = ConveyProcess(bed, make_config(bed, offload=offload), install_rules=False)
     config = convey.config_path
     # `-o` keeps make from (re)building the venv; VENV is the one running these tests
     make = ["make", "-s", "-C", str(REPO_ROOT), f"VENV={venv}", "-o", f"{venv}/.installed"]
 
-    lb.run([*make, "install-rules", f"CONFIG={config}", "MODE=passthrough"], timeout=60)
+    lb.run([*make, "install-rules", f"CONFIG={config}", "MODE=passthrough", *(["OFFLOAD=1"] if offload else [])],
+           timeout=60)  # fmt: skip
     installed = saved_ruleset(lb)
     assert "-A PREROUTING -m comment --comment convey -j CONVEY-PREROUTING" in installed
     assert passthrough_sysctls(lb, ifaces) != sysctls_before
@@ -1020,18 +1147,18 @@ def test_make_install_rules_then_remove_rules_restores_the_ruleset(beds: Callabl
     assert saved_ruleset(lb) == rules_before
     assert passthrough_sysctls(lb, ifaces) == sysctls_before
     # and convey refuses to start without them, saying how to install them
-    convey = ConveyProcess(bed, make_config(bed), install_rules=False, name="again")
+    convey = ConveyProcess(bed, make_config(bed, offload=offload), install_rules=False, name="again")
     with pytest.raises(Exception, match="install-rules"):
         convey.start(timeout=10)
     with contextlib.suppress(Exception):
         convey.kill()
 
 
-def test_convey_removes_the_rules_it_installed(beds: Callable[..., Testbed]) -> None:
+def test_convey_removes_the_rules_it_installed(beds: Callable[..., Testbed], offload: bool) -> None:
     bed = beds(1)
     start_servers(bed)
     before = saved_ruleset(bed.lb), passthrough_sysctls(bed.lb, ["c0", "s0"])
-    convey = ConveyProcess(bed, make_config(bed)).start()
+    convey = ConveyProcess(bed, make_config(bed, offload=offload)).start()
     assert served_by(client(bed, "get", n=1)[0])[0] == "server0"
     assert saved_ruleset(bed.lb) != before[0]
     stop_clean(convey)

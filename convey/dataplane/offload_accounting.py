@@ -1,0 +1,172 @@
+"""Accounting for the offload planes (passthrough and DSR): conntrack changes -> pools and stats scopes.
+
+With offload the kernel carries a connection's packets, so the counters come from conntrack, not from packets:
+``conntrack.Monitor`` turns events (and dumps) into ``Opened``/``Closed``/``Accounted`` changes and hands them to
+``apply``. Per connection (by conntrack id):
+
+- ``Opened``: the mark names the server (``server_of``: mark -> "backend/server", the plane's mark plan), the
+  original tuple's destination names the frontend (``vips``); total and current connections +1 on the total,
+  frontend, backend and server scopes, and ``Pool.acquire`` so least_conn sees the connection.
+- ``Closed``: current -1 and ``Pool.release``; when the last connection of a server removed from the config
+  closes, ``on_drained(server id)`` (the plane may then drop its mark and rules).
+- ``Accounted``: payload bytes, in the original convey's directions: ``bytes_tx`` client -> server (the
+  original direction), ``bytes_rx`` server -> client (the reply; DSR never sees it). Bytes may arrive after the
+  close (the GET at the close, the DESTROY of a TIME_WAIT entry 120 s later): the scopes of recently closed
+  connections are kept (bounded) for that.
+
+Clients the decision refused are folded per frontend into the scopes' ``refused`` counters, as with flows.
+``section`` builds the /stats "offload" section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from convey import stats as st
+from convey.balancing.pool import Pool, Server
+from convey.dataplane.conntrack_records import Accounted, Change, Closed, Opened
+from convey.dataplane.flow_accounting import fold_refused
+
+__all__ = ["OffloadAccounting"]
+
+RECENT_MAX = 65536  # closed connections whose late bytes still find their scopes
+
+
+def _no_server(mark: int) -> str | None:
+    return None
+
+
+@dataclass(slots=True)
+class _Conn:
+    pool: Pool
+    server: Server
+    server_id: str
+    scopes: tuple[st.Counters, ...]
+
+
+class OffloadAccounting:
+    """Conntrack changes -> pool connection counts and stats scopes; see the module doc. ``vips``,
+    ``backend_of`` and ``server_of`` follow the live config: the plane replaces them on reload."""
+
+    def __init__(
+        self, pools: Mapping[str, Pool], stats: st.Stats, on_drained: Callable[[str], None] | None = None
+    ) -> None:
+        self.pools = pools
+        self.stats = stats
+        self.on_drained = on_drained
+        self.vips: Mapping[tuple[bytes, int], str] = {}  # (VIP addr, VIP port) -> frontend
+        self.backend_of: Mapping[str, str] = {}  # frontend -> backend
+        self.server_of: Callable[[int], str | None] = _no_server  # mark -> "backend/server"
+        self.opened = 0
+        self.closed = 0
+        self.lost = 0  # closed by a resync: gone without a DESTROY seen, last bytes unknown
+        self.unknown_mark = 0  # an entry with our mark bits whose mark names no server we know
+        self._open: dict[int, _Conn] = {}
+        self._recent: dict[int, tuple[st.Counters, ...]] = {}  # closed: ct id -> scopes, oldest first
+        self._per_server: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def open_on(self, server_id: str) -> int:
+        """Connections open on a server ("backend/server")."""
+        return self._per_server.get(server_id, 0)
+
+    def servers_in_use(self) -> set[str]:
+        """Server ids with open connections (a plan keeps their marks)."""
+        return {s for s, n in self._per_server.items() if n > 0}
+
+    # -- changes ----------------------------------------------------------------------------------------------
+
+    def apply(self, changes: Iterable[Change]) -> None:
+        """``Monitor``'s ``on_changes``."""
+        for change in changes:
+            if isinstance(change, Accounted):
+                self._bytes(change)
+            elif isinstance(change, Opened):
+                self._opened(change)
+            elif isinstance(change, Closed):
+                self._closed(change)
+
+    def _opened(self, change: Opened) -> None:
+        if change.ct_id in self._open:
+            return
+        server_id = self.server_of(change.mark)
+        backend, _, name = (server_id or "").partition("/")
+        pool = self.pools.get(backend)
+        server = pool.find(name) if pool is not None else None
+        if pool is None or server is None or server_id is None:
+            self.unknown_mark += 1
+            return
+        key = change.orig_key
+        frontend = self.vips.get((key[4:8], int.from_bytes(key[10:12], "big")))
+        if frontend is None:  # its frontend left the config: total, backend and server only
+            scopes: tuple[st.Counters, ...] = (
+                self.stats.total,
+                self.stats.backend(backend),
+                self.stats.server(backend, name),
+            )
+        else:
+            scopes = self.stats.scopes(frontend, backend, name)
+        pool.acquire(server)
+        st.opened(scopes)
+        self._open[change.ct_id] = _Conn(pool, server, server_id, scopes)
+        self._per_server[server_id] = self._per_server.get(server_id, 0) + 1
+        self.opened += 1
+
+    def _closed(self, change: Closed) -> None:
+        conn = self._open.pop(change.ct_id, None)
+        if conn is None:
+            return
+        self.closed += 1
+        if change.lost:
+            self.lost += 1
+        conn.pool.release(conn.server)
+        st.closed(conn.scopes)
+        self._recent[change.ct_id] = conn.scopes
+        if len(self._recent) > RECENT_MAX:
+            del self._recent[next(iter(self._recent))]
+        left = self._per_server.get(conn.server_id, 1) - 1
+        if left > 0:
+            self._per_server[conn.server_id] = left
+        else:
+            self._per_server.pop(conn.server_id, None)
+            if conn.server.removed and self.on_drained is not None:
+                self.on_drained(conn.server_id)
+
+    def _bytes(self, change: Accounted) -> None:
+        conn = self._open.get(change.ct_id)
+        scopes = conn.scopes if conn is not None else self._recent.get(change.ct_id)
+        if scopes is None:
+            return
+        tx, rx = change.tx, change.rx
+        for c in scopes:
+            c.bytes_tx += tx
+            c.bytes_rx += rx
+
+    def close_all(self) -> None:
+        """At exit: count every open connection closed so the stats stay exact (the kernel keeps them)."""
+        for ct_id in list(self._open):
+            self._closed(Closed(ct_id, 0, b""))
+
+    # -- refusals and /stats ----------------------------------------------------------------------------------
+
+    def fold_refused(self, by_frontend: Mapping[str, int]) -> None:
+        fold_refused(self.stats, self.backend_of, by_frontend)
+
+    def section(self, monitor: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The /stats "offload" section: connections seen through conntrack, and the monitor's counters
+        (``Monitor.counters()``: events, overflows, resyncs, ...)."""
+        doc: dict[str, Any] = {
+            "connections_open": len(self._open),
+            "opened": self.opened,
+            "closed": self.closed,
+            "lost": self.lost,
+            "unknown_mark": self.unknown_mark,
+            "open_per_server": dict(self._per_server),
+        }
+        if monitor is not None:
+            doc["monitor"] = dict(monitor)
+        return doc

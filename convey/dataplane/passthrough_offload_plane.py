@@ -1,0 +1,198 @@
+"""Passthrough with flow offload: convey decides a connection's first packet, the kernel carries the rest.
+
+The rules (``rules.install(config, Mode.PASSTHROUGH, plan=...)``) queue only packets that open a connection
+(conntrack NEW without a connmark). ``convey.packet.offload.OffloadDecision`` decides them exactly as the
+per-packet mode decides a SYN (frontend, health, weights, drain, scheduler, source address, refusal with a
+RST) and answers a mark; the queue callback gives it (``set_mark`` + accept). The nat table saves the mark in
+the connection's connmark, DNATs it to the server and SNATs it to the source address the mark names (the
+kernel picks the port); conntrack rewrites every later packet both ways without convey.
+
+- Marks: the ``OffloadPlan`` (``rules.offload_plan``) maps (server, source address) to marks, kept stable
+  across reloads (``previous``); a server removed from the config keeps its mark and rules while conntrack
+  still holds connections to it (``keep``), and loses them when its last one closes.
+- Counters: ``conntrack.Monitor`` (events, a dump at start: connections alive before a restart are adopted; a
+  resync from a dump after an ENOBUFS overflow) feeds ``OffloadAccounting``: connections opened and closed,
+  bytes both ways, ``Pool.acquire``/``release`` for least_conn. The /stats "offload" section shows it.
+- At start, a kernel without conntrack, NAT, connmark or ctnetlink makes convey refuse to start with what is
+  missing and how to get it (``rules.offload_kernel.require_kernel``, over ``conntrack_check``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from convey import stats as st
+from convey.balancing.pool import Pool
+from convey.config import Config
+from convey.dataplane import conntrack
+from convey.dataplane.conntrack_records import HeaderSizes, Ledger, MarkFilter
+from convey.dataplane.nfqueue import Batch
+from convey.dataplane.offload_accounting import OffloadAccounting
+from convey.dataplane.plane import PacketPlane
+from convey.dataplane.rules.offload import OffloadPlan, offload_plan
+from convey.dataplane.rules.offload_kernel import require_kernel
+from convey.modes import Mode
+from convey.packet.offload import OffloadDecision
+
+__all__ = ["PassthroughOffloadPlane"]
+
+log = logging.getLogger("convey.packet")
+
+
+class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
+    mode = Mode.PASSTHROUGH
+
+    def __init__(self, pools: dict[str, Pool], stats: st.Stats, install_rules: bool = False) -> None:
+        super().__init__(pools, stats, install_rules)
+        self.plan: OffloadPlan | None = None
+        self.offload = OffloadAccounting(pools, stats, self._offload_drained)
+        self.monitor: conntrack.Monitor | None = None
+        self._sizes: tuple[int, int, bool] | None = None
+
+    # -- start and stop ---------------------------------------------------------------------------------------
+
+    async def start(self, config: Config) -> None:
+        # before anything changes: a kernel without conntrack, NAT, connmark or ctnetlink -> OffloadUnavailable
+        await asyncio.to_thread(require_kernel, config, self.mode)
+        self.plan = offload_plan(config, self.mode)
+        await super().start(config)
+
+    async def stop(self, timeout: float) -> None:
+        if self.monitor is not None:
+            self.monitor.stop()
+            self.monitor = None
+        await super().stop(timeout)
+        self.offload.close_all()  # after the queue is unbound: a drained removed server changes no rules now
+
+    def _start_monitor(self) -> None:
+        assert self.plan is not None
+        ledger = Ledger(ours=MarkFilter(mask=self.plan.mask))
+        self.monitor = conntrack.Monitor(ledger, self.offload.apply)
+        try:
+            self.monitor.start(asyncio.get_running_loop())  # dumps first: live connections are adopted
+        except conntrack.ConntrackError:
+            self.monitor.stop()
+            self.monitor = None
+            raise
+
+    # -- the decision and its queue ---------------------------------------------------------------------------
+
+    def _queue_num(self, config: Config) -> int:
+        return config.passthrough.queue_num
+
+    def _new_decider(self, config: Config) -> OffloadDecision:
+        capacity = config.passthrough.connection_tracker_capacity
+        offload = self.offload
+        return OffloadDecision(self.vips, self._choose, self._mark_of, lambda: len(offload) >= capacity)
+
+    def _mark_of(self, server_id: str, flow_hash: int) -> int | None:
+        """The mark for a connection to ``server_id``: with several source addresses, the flow hash spreads
+        connections over them (the kernel picks the port per source address)."""
+        plan = self.plan
+        if plan is None:
+            return None
+        n = len(plan.sources)
+        try:
+            return plan.mark(server_id, flow_hash % n if n > 1 else 0)
+        except (KeyError, IndexError, ValueError):
+            return None
+
+    def _callback(self, decider: OffloadDecision, batch: Batch) -> Callable[[Any], None]:
+        decide = decider.decide
+        rst_out = decider.rst_out
+        send_resets = self._send_resets
+        monotonic = time.monotonic
+        plane = self
+
+        def on_packet(pkt: Any) -> None:
+            left = batch.left - 1
+            batch.left = left
+            if left <= 0:
+                batch.end()
+            try:
+                mark = decide(pkt.get_payload(), monotonic())
+                if mark is None:
+                    pkt.drop()
+                else:
+                    pkt.set_mark(mark)
+                    pkt.accept()
+                    if decider.header_sizes != plane._sizes:
+                        plane._new_sizes(decider.header_sizes)
+            except Exception:  # the queue's I/O failed; the decision never raises
+                plane.io_errors += 1
+                with contextlib.suppress(Exception):
+                    pkt.drop()
+            if rst_out:
+                send_resets(rst_out)
+
+        return on_packet
+
+    # -- config, plan and rules -------------------------------------------------------------------------------
+
+    def _kept(self, config: Config) -> tuple[str, ...]:
+        """Servers no longer in ``config`` that conntrack still holds connections to: they keep their mark."""
+        configured = {f"{b.name}/{s.name}" for b in config.backends.values() for s in b.servers}
+        return tuple(sorted(self.offload.servers_in_use() - configured))
+
+    async def _prepare_reload(self, config: Config) -> None:
+        self.plan = offload_plan(config, self.mode, previous=self.plan, keep=self._kept(config))
+
+    def _loaded(self, config: Config) -> None:
+        assert self.plan is not None
+        self.offload.vips = self.vips
+        self.offload.backend_of = self.backend_of
+        self.offload.server_of = self.plan.server_of
+        if self.monitor is None:  # at start, before the queue is bound
+            self._start_monitor()
+
+    def _rules_options(self) -> dict[str, Any]:
+        return {"plan": self.plan}
+
+    def _offload_drained(self, server_id: str) -> None:
+        """The last connection of a server removed from the config closed: its mark and rules can go."""
+        if self.config is None or self._queue is None:
+            return
+        self.plan = offload_plan(self.config, self.mode, previous=self.plan, keep=self._kept(self.config))
+        self.offload.server_of = self.plan.server_of
+        log.info("event=server_drained server=%s", server_id)
+        task = asyncio.get_running_loop().create_task(self._update_rules("server_drained"))
+        self._rules_tasks.add(task)
+        task.add_done_callback(self._rules_tasks.discard)
+
+    # -- counters ---------------------------------------------------------------------------------------------
+
+    def _new_sizes(self, sizes: tuple[int, int, bool] | None) -> None:
+        """The SYNs' header sizes changed (IP options, TCP timestamps): the ledger turns IP bytes into payload
+        bytes with them (one set for all connections: the clients' stacks are assumed alike)."""
+        self._sizes = sizes
+        if sizes is not None and self.monitor is not None:
+            self.monitor.ledger.sizes = HeaderSizes.from_syn(*sizes)
+
+    def _decision_section(self, edge: dict[str, Any]) -> dict[str, Any]:
+        doc: dict[str, Any] = dict(edge)
+        decider = self.decider
+        if decider is not None:
+            doc["verdicts"] = decider.counters.as_dict()
+            doc["parse_errors"] = {e.name.lower(): n for e, n in decider.parse_errors.items() if n}
+            self.offload.fold_refused(decider.refused)
+        doc["connections"] = len(self.offload)
+        doc["connection_capacity"] = self.config.passthrough.connection_tracker_capacity if self.config else 0
+        return doc
+
+    def _sections(self) -> dict[str, Callable[[], dict[str, Any]]]:
+        return {"offload": self.offload_section}
+
+    def offload_section(self) -> dict[str, Any]:
+        """The /stats "offload" section: connections learnt from conntrack and the event monitor's counters."""
+        monitor = self.monitor.counters() if self.monitor is not None else None
+        doc = self.offload.section(monitor)
+        if self.plan is not None:
+            doc["mark_mask"] = f"{self.plan.mask:#x}"
+            doc["marks"] = {sid: f"{bits:#x}" for sid, bits in self.plan.servers.items()}
+        doc["rules_updates_pending"] = len(self._rules_tasks)
+        return doc
