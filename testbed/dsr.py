@@ -87,9 +87,11 @@ def dsr_config(
     fall: int = 3,
     rise: int = 2,
     mode: str = "dsr",
+    offload: bool = False,
     extra: str = "",
 ) -> str:
-    """A convey config for ``bed``: the VIP on port 80, every server in one backend with ``weights``."""
+    """A convey config for ``bed``: the VIP on port 80, every server in one backend with ``weights``;
+    ``offload``: ``[dsr] offload = true`` (convey decides the SYN, the kernel steers the rest)."""
     server_port = server_port or server_port_for(rewrite)
     weights = list(weights or [1] * len(bed.servers))
     lines = [
@@ -111,6 +113,8 @@ def dsr_config(
         ]
     if mode == "dsr":
         lines += ["", "[dsr]", f'rewrite = "{rewrite}"', f'egress_nat = "{egress_nat}"']
+        if offload:
+            lines.append("offload = true")
     return "\n".join([*lines, "", extra, ""])
 
 

@@ -109,6 +109,11 @@ class Dsr:
     ``vips`` maps (VIP addr, VIP port) to the frontend name; ``marks`` maps server ids to fwmarks (``mac``).
     Both may be live mappings or be replaced. ``flows`` is used without return keys or ports, and is fixed for
     the instance's life (the fast path holds its dict).
+
+    ``pin=False`` (flow offload, ``convey.dataplane.dsr_offload_plane``): nothing is pinned; each queued packet
+    of an unknown flow (a SYN, a retransmitted SYN, a packet whose conntrack entry is gone) is decided afresh by
+    the flow hash and its flow goes to ``on_flow_open`` before ``decide`` returns (the edge writes the kernel's
+    entry from it). ``flows_opened`` counts pinned flows only.
     """
 
     decide: Callable[[bytes, float], bytes | int | None]
@@ -127,6 +132,7 @@ class Dsr:
         *,
         on_flow_open: FlowCallback | None = None,
         on_flow_close: FlowCallback | None = None,
+        pin: bool = True,
     ) -> None:
         if rewrite not in tuple(modes.Rewrite):
             kinds = ", ".join(modes.Rewrite)
@@ -138,6 +144,7 @@ class Dsr:
         self.marks: Mapping[str, int] = marks if marks is not None else {}
         self.on_flow_open = on_flow_open
         self.on_flow_close = on_flow_close
+        self.pin = pin
         self.rst_out: list[bytes] = []
         self.counters = DsrCounters()
         self.refused: dict[str, int] = {}  # frontend -> packets refused for want of a healthy server
@@ -260,16 +267,22 @@ class Dsr:
             flow.state = FlowState.ESTABLISHED
         if p.flags & RST:
             return flow  # forwarded, not pinned: the connection is over anyway
+        if not self.pin:  # offload: the kernel's conntrack entry holds the connection, not our table
+            self._opened(flow)
+            return flow
         if not self.flows.add(flow):
             counters.unpinned += 1
             return flow
         counters.flows_opened += 1
+        self._opened(flow)
+        return flow
+
+    def _opened(self, flow: Flow) -> None:
         if self.on_flow_open is not None:
             try:
                 self.on_flow_open(flow)
             except Exception:
-                counters.callback_errors += 1
-        return flow
+                self.counters.callback_errors += 1
 
     def _refuse(self, frontend: str, p: Parsed) -> None:
         """The client of ``frontend`` is turned away (the reason is counted): ``refused``, and a RST."""

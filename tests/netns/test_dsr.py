@@ -4,12 +4,15 @@ Topologies (testbed/dsr.py): ``l2`` (one bridge; both flavours) and ``routed`` w
 (``rewrite = "ip"`` only), where replies go server -> gw -> client and cannot enter the balancer's namespace.
 Each test asserts that the reply bytes never crossed the balancer: its interfaces' receive counters grow by
 the client's ACKs only, and on L2 a capture at the client shows every reply frame coming from a server's MAC.
+The tests run twice: per packet, and with flow offload (``[dsr] offload = true``: convey decides the SYN and
+writes the conntrack entry, the kernel steers the rest; at most 3 packets of a connection reach convey).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import sys
 import time
@@ -72,6 +75,33 @@ def any_dsr_bed(request: pytest.FixtureRequest) -> Iterator[DsrBed]:
     yield from dsr_bed(kind, rewrite)
 
 
+@pytest.fixture(params=[False, True], ids=["per-packet", "offload"])
+def offload(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+COUNTERS = re.compile(r"\[\d+:\d+\]")
+
+
+def kernel_rules(bed: Testbed) -> tuple[list[str], str]:
+    """The balancer's iptables rules and chains of its own (every table, "*table" then its lines, without
+    counters; a table that merely exists is no rule) and its policy rules, to compare."""
+    lines: list[str] = []
+    table = ""
+    for line in bed.lb.run(["iptables-save"]).stdout.splitlines():
+        if line.startswith("*"):
+            table = line
+        elif line.startswith("-A") or re.match(r":\S+ - ", line):
+            lines.append(table + " " + COUNTERS.sub("", line))
+    return lines, bed.lb.run(["ip", "rule", "show"]).stdout
+
+
+def queued(doc: dict[str, object]) -> int:
+    """Packets that reached convey (its own verdict counters)."""
+    verdicts = doc["packet"]["verdicts"]  # type: ignore[index]
+    return int(verdicts["accepted"]) + int(verdicts["dropped"])
+
+
 def assert_spread(counts: dict[str, int], weights: list[int], total: int) -> None:
     """Each server's share within 6 percentage points of its weight's (400 flows: > 4 sigma)."""
     assert sum(counts.values()) == total, counts
@@ -80,9 +110,11 @@ def assert_spread(counts: dict[str, int], weights: list[int], total: int) -> Non
         assert abs(share - weight / sum(weights)) < 0.06, (counts, weights)
 
 
-def test_dsr_spreads_by_weight_and_replies_bypass_the_balancer(any_dsr_bed: DsrBed) -> None:
+def test_dsr_spreads_by_weight_and_replies_bypass_the_balancer(any_dsr_bed: DsrBed, offload: bool) -> None:
     bed, rewrite = any_dsr_bed.bed, any_dsr_bed.rewrite
-    with ConveyProcess(bed, dsr_config(bed, rewrite, weights=WEIGHTS), mode="dsr") as lb:
+    rules_before = kernel_rules(bed)
+    config = dsr_config(bed, rewrite, weights=WEIGHTS, offload=offload)
+    with ConveyProcess(bed, config, mode="dsr") as lb:
         # Requests spread in weight proportion; each server saw the client's own address (no source NAT).
         before = iface_bytes(bed.lb)
         if bed.kind == "l2":
@@ -115,10 +147,30 @@ def test_dsr_spreads_by_weight_and_replies_bypass_the_balancer(any_dsr_bed: DsrB
             client = iface_bytes(bed.client)
             assert client["eth1"][0] > BIG > client["eth0"][0]
 
+        if offload:
+            # a 20 MB download: at most 3 of its packets reached convey (the SYN; the kernel steered the rest)
+            reached = queued(lb.stats())
+            size = 20_000_000
+            assert download(bed.client, f"http://{bed.vip}:{VIP_PORT}/bytes/{size}", bed.logdir / "mid") == (
+                payload_sha256(size)
+            )
+            assert queued(lb.stats()) - reached <= 3
+            # connections and bytes come from conntrack: every connection closed (one-way: the client's FIN)
+            doc = lb.wait_stats(
+                lambda d: d["total_connections"] >= REQUESTS + 2 and d["current_connections"] == 0,
+                15,
+                "conntrack to report every connection opened and closed",
+            )
+            assert doc["dsr"]["offload"]["entries_written"] >= REQUESTS + 2
+            assert doc["dsr"]["offload"]["write_errors"] == {}
+            assert doc["offload"]["unknown_mark"] == 0
         doc = lb.stats()
         verdicts = doc["packet"]["verdicts"]
         assert verdicts["dropped"] == 0 and verdicts["errors"] == 0, verdicts
-        assert verdicts["accepted"] > REQUESTS * 3
+        if offload:  # the SYNs (a retransmitted one at most per connection)
+            assert REQUESTS + 2 <= verdicts["accepted"] <= 2 * (REQUESTS + 2), verdicts
+        else:
+            assert verdicts["accepted"] > REQUESTS * 3
         assert verdicts["rewrites"] == (verdicts["accepted"] if rewrite == "ip" else 0)
         assert doc["dsr"]["rewrite"] == rewrite
         per_server = doc["dsr"]["flows_per_server"]
@@ -132,6 +184,8 @@ def test_dsr_spreads_by_weight_and_replies_bypass_the_balancer(any_dsr_bed: DsrB
         assert 0 < doc["bytes_tx"] < BIG // 100 and doc["bytes_tx"] == backend["bytes_tx"]
         assert "bytes_rx" in doc["dsr"]["unknown"]
         lb.stop()
+    # convey installed its rules at start (--install-rules) and removed exactly those at exit
+    assert kernel_rules(bed) == rules_before
 
 
 @pytest.fixture
@@ -146,15 +200,25 @@ def l2_mac_bed() -> Iterator[DsrBed]:
 
 @pytest.mark.parametrize("flavour", ["ip", "mac"])
 def test_a_balancer_restarted_mid_download_keeps_the_download(
-    flavour: str, request: pytest.FixtureRequest
+    flavour: str, offload: bool, request: pytest.FixtureRequest
 ) -> None:
     """SIGKILL convey while a rate-limited download runs, start it again: Maglev on the client tuple sends the
     flow's next packets to the same server, so the download completes intact. While no convey is bound, the
-    kernel holds nothing back: the queue rule drops (no --queue-bypass in DSR) and TCP retransmits."""
+    kernel holds nothing back: the queue rule drops (no --queue-bypass in DSR) and TCP retransmits.
+
+    With offload the rules are installed once (``convey rules install --dsr --offload``, as docs/dsr.md says
+    for restarts) and convey runs without --install-rules: the connection's conntrack entry steers its
+    packets while convey is gone, and none of them reaches the restarted convey."""
     bed: Testbed = request.getfixturevalue(f"l2_{flavour}_bed").bed
     size = 30_000_000
-    config = dsr_config(bed, flavour)
-    lb = ConveyProcess(bed, config, mode="dsr").start()
+    config = dsr_config(bed, flavour, offload=offload)
+    if offload:
+        path = bed.logdir / "rules.toml"
+        path.write_text(config)
+        bed.lb.run(
+            [sys.executable, "-m", "convey", "rules", "install", "--dsr", "--offload", f"--config={path}"]
+        )
+    lb = ConveyProcess(bed, config, mode="dsr", install_rules=not offload).start()
     out = bed.logdir / "restart.bin"
     curl = bed.client.popen(
         ["curl", "-sS", "--fail", "--max-time", "60", "--limit-rate", "6M", "-o", str(out),
@@ -170,20 +234,75 @@ def test_a_balancer_restarted_mid_download_keeps_the_download(
         lb.proc = None
         killed_at = out.stat().st_size
         time.sleep(0.3)  # the client keeps ACKing into the void meanwhile
-        lb = ConveyProcess(bed, config, mode="dsr", name="convey-restarted").start()
+        lb = ConveyProcess(
+            bed, config, mode="dsr", name="convey-restarted", install_rules=not offload
+        ).start()
         assert curl.wait(60) == 0, "the download failed across the balancer restart"
         assert killed_at < size
         digest = _sha256(out)
         assert digest == payload_sha256(size)
         doc = lb.stats()
-        # the restarted balancer knew nothing of the flow: it scheduled it again by its hash, to the same server
-        assert doc["packet"]["verdicts"]["rescheduled"] >= 1, doc["packet"]["verdicts"]
+        if offload:
+            # the kernel's entry carried the connection: not one of its packets reached the restarted convey,
+            # which adopted it from the conntrack table at start
+            assert queued(doc) == 0, doc["packet"]["verdicts"]
+            assert doc["offload"]["opened"] >= 1, doc["offload"]
+        else:
+            # the restarted balancer knew nothing of the flow: it scheduled it again by its hash, to the same server
+            assert doc["packet"]["verdicts"]["rescheduled"] >= 1, doc["packet"]["verdicts"]
     finally:
         if curl.poll() is None:
             curl.kill()
             curl.wait(5)
         lb.kill()
         out.unlink(missing_ok=True)
+        if offload:
+            bed.lb.run([sys.executable, "-m", "convey", "rules", "remove"], check=False)
+
+
+FLUSH_OUR_ENTRIES = """
+from convey.dataplane import conntrack
+from convey.dataplane.conntrack_records import MarkFilter
+writer = conntrack.Writer()
+entries = conntrack.dump(MarkFilter())
+for entry in entries:
+    writer.delete(entry.orig)
+print(len(entries))
+"""
+
+
+@pytest.mark.parametrize("flavour", ["ip", "mac"])
+def test_offload_a_connection_whose_entry_is_gone_is_rescheduled(
+    flavour: str, request: pytest.FixtureRequest
+) -> None:
+    """Delete convey's conntrack entries while a download runs: the client's next packet is picked up unmarked,
+    queued, sent by the same hash to the same server with its mark (the nat table saves it in the new entry;
+    ``ip`` also DNATs by it), and the download completes intact with one more packet through convey."""
+    bed: Testbed = request.getfixturevalue(f"l2_{flavour}_bed").bed
+    size = 20_000_000
+    out = bed.logdir / "pickup.bin"
+    with ConveyProcess(bed, dsr_config(bed, flavour, offload=True), mode="dsr") as lb:
+        curl = bed.client.popen(
+            ["curl", "-sS", "--fail", "--max-time", "60", "--limit-rate", "5M", "-o", str(out),
+             f"http://{bed.vip}:{VIP_PORT}/bytes/{size}"],
+        )  # fmt: skip
+        try:
+            wait_until(
+                lambda: out.exists() and out.stat().st_size > 2_000_000, 20, "the download to be under way"
+            )
+            reached = queued(lb.stats())
+            assert int(bed.lb.python(["-c", FLUSH_OUR_ENTRIES]).stdout) >= 1
+            assert curl.wait(60) == 0, "the download failed after its conntrack entry was deleted"
+        finally:
+            if curl.poll() is None:
+                curl.kill()
+                curl.wait(5)
+        assert _sha256(out) == payload_sha256(size)
+        out.unlink(missing_ok=True)
+        doc = lb.stats()
+        assert 1 <= queued(doc) - reached <= 3, doc["packet"]["verdicts"]
+        assert doc["packet"]["verdicts"]["rescheduled"] >= 1 and doc["dsr"]["offload"]["pickups"] >= 1
+        lb.stop()
 
 
 def _sha256(path: Path) -> str:
@@ -194,9 +313,23 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def test_a_server_down_by_health_checks_gets_no_new_flows(l2_ip_bed: DsrBed) -> None:
+def connect_refused_quickly(bed: Testbed, deadline: float = 1.0) -> None:
+    """A connection to the VIP from the client is refused (a RST) within ``deadline`` seconds."""
+    sock = bed.client.socket()
+    sock.settimeout(5.0)
+    start = time.monotonic()
+    try:
+        with pytest.raises(ConnectionRefusedError):
+            sock.connect((bed.vip, VIP_PORT))
+    finally:
+        sock.close()
+    took = time.monotonic() - start
+    assert took < deadline, f"refusal took {took:.2f}s"
+
+
+def test_a_server_down_by_health_checks_gets_no_new_flows(l2_ip_bed: DsrBed, offload: bool) -> None:
     bed = l2_ip_bed.bed
-    config = dsr_config(bed, "ip", health_interval=0.5, fall=2, rise=1)
+    config = dsr_config(bed, "ip", health_interval=0.5, fall=2, rise=1, offload=offload)
     with ConveyProcess(bed, config, mode="dsr") as lb:
         assert fetch_many(bed.client, bed.vip, VIP_PORT, 40)["counts"].get("server1", 0) > 0
         # stop server1's web server (the machine stays up: only the health checks can tell)
@@ -210,6 +343,17 @@ def test_a_server_down_by_health_checks_gets_no_new_flows(l2_ip_bed: DsrBed) -> 
         assert result["failed"] == 0, result
         assert result["counts"] == {"server0": 100}
         assert lb.stats()["backends"]["web_servers"]["scheduler"] == "maglev"
+        # no healthy server left: the client is refused at once with a RST, counted per frontend and backend
+        l2_ip_bed.web[0].stop()
+        lb.wait_stats(
+            lambda doc: doc["backends"]["web_servers"]["server_detail"]["s0"]["state"] == "down",
+            15,
+            "server s0 to be marked down by the health checks",
+        )
+        connect_refused_quickly(bed)
+        doc = lb.stats()
+        assert doc["refused"] == 1 and doc["frontends"]["web"]["refused"] == 1
+        assert doc["backends"]["web_servers"]["refused"] == 1
         lb.stop()
 
 
