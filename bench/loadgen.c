@@ -2,12 +2,16 @@
    Compiled by bench/proxy.py when a C compiler is present (a Python fallback is used otherwise), so that the load
    generator costs far less CPU than the proxies it measures.
 
-   loadgen server PORT                      : read a request, write the 32-byte reply, close (HTTP/1.0 style: the
+   loadgen server PORT [ADDR]               : read a request, write the 32-byte reply, close (HTTP/1.0 style: the
                                               server closes first, so TIME_WAIT stays on the server side)
-   loadgen client PORT SECONDS CONC WARMUP  : CONC connections at a time: connect, send 32 bytes, read the reply
+   loadgen client PORT SECONDS CONC WARMUP [ADDR [LIMIT]]
+                                            : CONC connections at a time: connect, send 32 bytes, read the reply
                                               until EOF, close; counts completions between WARMUP and
-                                              WARMUP + SECONDS and prints {"per_second": N, "errors": E, ...}
-   Loopback only (127.0.0.1). Bounded: the client stops SECONDS + WARMUP after it started (+10 s for stragglers). */
+                                              WARMUP + SECONDS and prints {"per_second": N, "errors": E, "ok": N,
+                                              "started": N, "seconds": S, ...}; at most LIMIT connections
+                                              (per_second is then over the shorter window the limit left)
+   ADDR: 127.0.0.1 unless given (bench/packet.py and bench/dsr.py run it in test-bed namespaces). Bounded: the
+   client stops SECONDS + WARMUP after it started (+10 s for stragglers), and after LIMIT connections. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -22,8 +26,10 @@
 #include <unistd.h>
 
 #define MSG 32
-#define MAX_CONNECTIONS 5000000L /* per client run: the time limit comes first */
+#define MAX_CONNECTIONS 5000000L /* per client run by default: the time limit comes first */
 static char reqbuf[MSG], repbuf[MSG];
+static const char *ADDR = "127.0.0.1";
+static long LIMIT = MAX_CONNECTIONS;
 
 static double now(void) {
     struct timespec ts;
@@ -36,7 +42,7 @@ static struct sockaddr_in addr_of(int port) {
     memset(&a, 0, sizeof a);
     a.sin_family = AF_INET;
     a.sin_port = htons(port);
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (inet_pton(AF_INET, ADDR, &a.sin_addr) != 1) a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     return a;
 }
 
@@ -90,7 +96,7 @@ static int client(int port, double seconds, int conc, double warmup) {
     struct epoll_event evs[256];
     for (;;) {
         double t = now();
-        while (open < conc && t < end && started < MAX_CONNECTIONS) {
+        while (open < conc && t < end && started < LIMIT) {
             int s = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
             if (s < 0 || s >= 65536) { if (s >= 0) close(s); break; }
             setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -107,7 +113,7 @@ static int client(int port, double seconds, int conc, double warmup) {
             epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev);
             open++;
         }
-        if (open == 0 && (t >= end || started >= MAX_CONNECTIONS)) break;
+        if (open == 0 && (t >= end || started >= LIMIT)) break;
         if (t > end + 10) break;  /* hard bound: give up on stuck connections */
         int n = epoll_wait(ep, evs, 256, 100);
         for (int i = 0; i < n; i++) {
@@ -147,16 +153,25 @@ static int client(int port, double seconds, int conc, double warmup) {
             open--;
         }
     }
-    printf("{\"per_second\": %.1f, \"errors\": %ld, \"last_error\": \"%s\"}\n", counted / seconds, errors, last_error);
+    double window = (now() < end ? now() : end) - start; /* shorter than SECONDS when LIMIT ended the run */
+    if (window < 1e-3) window = 1e-3;
+    printf("{\"per_second\": %.1f, \"errors\": %ld, \"ok\": %ld, \"started\": %ld, \"seconds\": %.3f, "
+           "\"last_error\": \"%s\"}\n", counted / window, errors, counted, started, window, last_error);
     return 0;
 }
 
 int main(int argc, char **argv) {
     memset(reqbuf, 'Q', MSG);
     memset(repbuf, 'R', MSG);
-    if (argc == 3 && !strcmp(argv[1], "server")) return server(atoi(argv[2]));
-    if (argc == 6 && !strcmp(argv[1], "client"))
+    if ((argc == 3 || argc == 4) && !strcmp(argv[1], "server")) {
+        if (argc == 4) ADDR = argv[3];
+        return server(atoi(argv[2]));
+    }
+    if (argc >= 6 && argc <= 8 && !strcmp(argv[1], "client")) {
+        if (argc >= 7) ADDR = argv[6];
+        if (argc == 8 && atol(argv[7]) > 0) LIMIT = atol(argv[7]);
         return client(atoi(argv[2]), atof(argv[3]), atoi(argv[4]), atof(argv[5]));
-    fprintf(stderr, "usage: loadgen server PORT | loadgen client PORT SECONDS CONCURRENCY WARMUP\n");
+    }
+    fprintf(stderr, "usage: loadgen server PORT [ADDR] | loadgen client PORT SECONDS CONCURRENCY WARMUP [ADDR [LIMIT]]\n");
     return 2;
 }

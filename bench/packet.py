@@ -1,58 +1,50 @@
 #!/usr/bin/env python3
-"""Packet-path benchmark: convey's passthrough handler against an accept-only NFQUEUE loop and kernel forwarding.
+"""Packet-path benchmark: kernel NAT, convey passthrough per packet and with flow offload, side by side (root only).
 
-    sudo python bench/packet.py [--quick] [--seconds N] [--rounds N] [--json FILE]
+    sudo .venv/bin/python bench/packet.py [--quick] [--seconds N] [--rounds N] [--no-offload] [--no-dsr]
+                                          [--keep-time-wait] [--json FILE]
 
-Builds a routed namespace test bed (testbed/: client -- lb -- server, all in 198.18.0.0/15; the
-host's own namespace is never touched) and measures, in one run:
+Builds a routed namespace test bed (testbed/: client -- lb -- two servers, all in 198.18.0.0/15; the host's own
+namespace is never touched) and measures, rows interleaved A/B/A/B (the order alternating every round), on the
+same bed and the same servers:
 
-* packets/s through an **accept-only** NFQUEUE loop: a tiny program bound to convey's queue with convey's own
-  rules and binding parameters (same queue length, copy range and socket buffer) that reads with
-  ``run(block=False)``, the cheapest read loop the binding has, and whose callback only counts and accepts. That
-  is the ceiling for any userspace verdict path.
-* packets/s through **convey's passthrough handler**: the real ``convey --passthrough`` process, counted from its
-  /stats verdict counters.
+* **kernel NAT**: plain iptables DNAT (``statistic nth`` over the two servers) + SNAT (to the balancer's address
+  on each server's segment, convey's port range) in the balancer's namespace, no convey: the baseline of issue 8's
+  targets (offload bulk >= 0.9x kernel NAT, offload connections/s >= 0.7x kernel NAT).
+* **passthrough per-packet**: ``convey --passthrough --install-rules``: every packet both ways through NFQUEUE.
+* **passthrough offload**: ``convey --passthrough --offload --install-rules`` (``[passthrough] offload = true``):
+  only a connection's first packet reaches convey, conntrack NAT carries the rest. Skipped with ``--no-offload``
+  (a kernel without conntrack), and skipped with convey's own message when it refuses to start.
+* **kernel forwarding** (full run only): plain routing, the client talks to the server directly: the ceiling.
+* **accept-only loop**: convey's per-packet rules with a tiny program bound to the queue that only accepts: the
+  packets/s ceiling of any userspace verdict path (bench/lib's ``accept_only`` role).
 
-  Both get the same load: a blaster in the client namespace writes prebuilt Ethernet frames to an AF_PACKET
-  socket, as fast as one Python loop can: TCP segments (ACK|PSH, 17 bytes of payload) of 64 connections from the
-  client to the VIP. For convey those 64 connections are real and established through it (opened before the
-  blast, from the same fixed ports), so every frame takes its hot path: lookup, rewrite, ``set_payload``,
-  accept. Without convey nothing rewrites them and they go to the VIP, a local address. Either way the packets
-  die right after the verdict: one iptables rule drops IP packets of exactly that length in INPUT (accept-only)
-  and FORWARD (convey), so the server is not involved (the kernel still does a little more for convey's
-  packets: the rewrite is copied back, and forwarding costs more than local delivery).
-  The verdict process runs on the last CPU, the blaster (with the kernel's work of sending and queueing its
-  packets) on the first. Packets/s counts verdicts at the queue side between the start of the blast and the
-  moment the program answers after it (that is, once the queue has drained); the program's CPU time gives CPU
-  microseconds per packet (user and system), which depends less on other load than packets/s does. The kernel's
-  queue drop counter shows whether the handler was saturated (drops > 0: the blaster offered more than it could
-  take; no drops: the blaster was the limit and the figure is a lower bound).
-* TCP bulk Mbit/s (one stream, server -> client, for a fixed time) and connections/s (concurrent short
-  connections: connect, 32-byte request, 32-byte reply, the server closes) **through convey** (client -> VIP)
-  against **plain kernel forwarding** (client -> server directly, routed by the balancer namespace with no rule
-  and no queue).
+Measures (bench/lib/l4.py): bulk Gbit/s up and down (``iperf3 -t N`` and ``-R``, one stream; a Python fallback
+without iperf3, and the output says so), connections/s (``bench/loadgen.c``, compiled at run time: 32 in flight,
+connect, 32-byte request, 32-byte reply, the server closes first) and, for convey's rows, the packets that
+reached convey (its /stats verdict counters) per connection and per MB downloaded. For the accept-only loop and
+per-packet convey also packets/s under a blast of prebuilt frames (ACK|PSH, 17 bytes of payload, 64 established
+connections client -> VIP written to an AF_PACKET socket as fast as one Python loop can; a drop rule matching
+exactly that IP length ends every blasted packet right after its verdict; the verdict process pinned to the last
+CPU, the blaster to the first), with the verdict process's CPU time per packet and the kernel's queue drops.
 
-Prints a table and the ratios convey/accept-only packets/s, convey/kernel bulk and convey/kernel connections/s.
-Each measurement is a function taking the bed and a data path (``KernelPath``, ``AcceptOnlyPath``,
-``ConveyPath``), so DSR rows can be added as one more path. Every loop is bounded in count and time; every
-process and namespace is removed on exit, on failure and on Ctrl-C. On a shared or small machine the figures are
-noisy (the load generators share the CPUs with what they measure): compare ratios from one run, not absolute
-numbers across runs.
+The servers run without TIME_WAIT (``tcp_max_tw_buckets = 0``; ``--keep-time-wait`` to keep it): through source
+NAT a row would otherwise inherit the previous rows' TIME_WAIT tuples and stall on 1 s SYN retries (see
+bench/lib/l4.py's ``no_time_wait``).
 
-The processes it starts in the namespaces are roles of bench/lib (``accept_only``, ``blast``, ``flows``,
-``bulk_server``, ``rr_server``, ``bulk_client``, ``rr_client``).
+Prints a table (medians over the rounds, ``±`` half the spread) and the ratios offload / kernel NAT, per-packet /
+kernel NAT and offload / per-packet; then, unless ``--no-dsr``, bench/dsr.py's DSR part on an L2 bed. Every load
+loop is bounded in count and time; every process and namespace is removed on exit, on failure and on Ctrl-C. The
+load generators share the CPUs with what they measure: compare ratios from one run, not absolute figures across
+runs or machines.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import signal
-import socket
-import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -65,25 +57,33 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.lib.cpu import cpu_times, pin  # noqa: E402
-from bench.lib.procs import ask, result_of, spawn_in, stop  # noqa: E402
-from bench.lib.rounds import interleave, progress  # noqa: E402
-from convey.packet.checksum import internet_checksum, ip_header_checksum  # noqa: E402
+from bench.lib import blast, l4  # noqa: E402
+from bench.lib.procs import ask, spawn_in, stop  # noqa: E402
+from bench.lib.rounds import Series, progress  # noqa: E402
 from testbed.bed import Testbed  # noqa: E402
-from testbed.convey_proc import ConveyProcess  # noqa: E402
-from testbed.host import Host  # noqa: E402
-from testbed.process import python_env, read_line  # noqa: E402
+from testbed.convey_proc import ConveyProcess, ConveyProcessError  # noqa: E402
+from testbed.process import python_env  # noqa: E402
 
-VIP_WEB_PORT = 80  # frontend for short connections -> server RR_PORT
-VIP_BULK_PORT = 81  # frontend for bulk -> server SOURCE_PORT
+VIP_WEB_PORT = 80  # frontend for short connections -> every server's RR_PORT
 RR_PORT = 8080
-SOURCE_PORT = 9000
-BLAST_FLOWS = 64
-BLAST_SPORT = 45000
-BLAST_PAYLOAD = b"convey-bench-pps!"  # 17 bytes: IP length 57, which the drop rules match
-BLAST_LENGTH = 20 + 20 + len(BLAST_PAYLOAD)
-MAX_CONNECTIONS = 20_000  # per connections/s run: within convey's fresh ephemeral ports for one server
-CHUNK = 256 * 1024
+BULK_PORT = (
+    l4.IPERF_PORT
+)  # frontend for bulk -> server 0 only (iperf3's control and data connections together)
+SERVERS = 2
+PORT_RANGE = (
+    33768,
+    61000,
+)  # convey's default [passthrough] port_range; the kernel NAT row's SNAT uses it too
+# per-packet convey: connections per run within its fresh ephemeral ports (it reuses none for port_reuse_delay)
+PER_PACKET_MAX_CONNECTIONS = 40_000
+
+KERNEL_FWD = "kernel forwarding"
+KERNEL_NAT = "kernel NAT"
+ACCEPT_ONLY = "accept-only loop"
+PER_PACKET = "passthrough per-packet"
+OFFLOAD = "passthrough offload"
+ROW_ORDER = (KERNEL_FWD, KERNEL_NAT, ACCEPT_ONLY, PER_PACKET, OFFLOAD)
+TARGETS = {l4.UP: 0.9, l4.DOWN: 0.9, l4.CONNS: 0.7}  # offload / kernel NAT, issue 8
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -91,52 +91,55 @@ CHUNK = 256 * 1024
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def config_text(bed: Testbed) -> str:
-    server = bed.servers[0].addr
-    return f"""
-[frontends.web]
-listen_addr = "{bed.vip}:{VIP_WEB_PORT}"
-backend = "rr"
-[frontends.bulk]
-listen_addr = "{bed.vip}:{VIP_BULK_PORT}"
-backend = "bulk"
-[backends.rr]
-health_check_interval = 2
-[backends.rr.servers.s0]
-addr = "{server}:{RR_PORT}"
-[backends.bulk]
-health_check_interval = 2
-[backends.bulk.servers.s0]
-addr = "{server}:{SOURCE_PORT}"
-[passthrough]
-fin_linger = 0.5
-"""
-
-
-def queue_drops(lb: Host, queue_num: int = 0) -> int:
-    """The kernel's drop counters for the queue (queue full + netlink socket full)."""
-    text = lb.run(["cat", "/proc/net/netfilter/nfnetlink_queue"], check=False).stdout
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) >= 7 and fields[0] == str(queue_num):
-            return int(fields[5]) + int(fields[6])
-    return 0
+def config_text(bed: Testbed, offload: bool = False) -> str:
+    lines = [
+        "[frontends.web]",
+        f'listen_addr = "{bed.vip}:{VIP_WEB_PORT}"',
+        'backend = "rr"',
+        "[frontends.bulk]",
+        f'listen_addr = "{bed.vip}:{BULK_PORT}"',
+        'backend = "bulk"',
+        "[backends.rr]",
+        "health_check_interval = 2",
+    ]
+    for i, server in enumerate(bed.servers):
+        lines += [f"[backends.rr.servers.s{i}]", f'addr = "{server.addr}:{RR_PORT}"']
+    lines += [
+        "[backends.bulk]",
+        "health_check_interval = 2",
+        "[backends.bulk.servers.s0]",
+        f'addr = "{bed.servers[0].addr}:{BULK_PORT}"',
+        "[passthrough]",
+        "fin_linger = 0.5",
+        f"port_range = [{PORT_RANGE[0]}, {PORT_RANGE[1]}]",
+    ]
+    if offload:
+        lines.append("offload = true  # = convey --passthrough --offload")
+    return "\n".join(lines) + "\n"
 
 
 class DataPath:
     """One way through the balancer namespace. ``target(service)`` is where clients connect."""
 
     name = "?"
+    pps = False  # measured under the frame blast too
+    l4 = True  # measured with bulk and connections/s
 
     def __init__(self, bed: Testbed) -> None:
         self.bed = bed
 
     def target(self, service: str) -> tuple[str, int]:
-        raise NotImplementedError
+        return self.bed.vip, VIP_WEB_PORT if service == "rr" else BULK_PORT
 
-    def verdicts(self, timeout: float = 60.0) -> int:
-        """Packets given a verdict so far."""
-        raise NotImplementedError
+    def verdicts(self) -> int | None:
+        """Packets given a verdict so far (None: no userspace verdicts on this path)."""
+        return None
+
+    def cpu_pid(self) -> int | None:
+        return None
+
+    def stats(self) -> dict[str, Any] | None:
+        return None
 
     @property
     def pid(self) -> int:
@@ -152,26 +155,52 @@ class DataPath:
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> DataPath:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
 
 class KernelPath(DataPath):
-    """Plain routing through the balancer namespace: no rule, no queue."""
+    """Plain routing through the balancer namespace: no rule, no queue; the client talks to server 0."""
 
-    name = "kernel forwarding"
+    name = KERNEL_FWD
 
     def target(self, service: str) -> tuple[str, int]:
-        return self.bed.servers[0].addr, RR_PORT if service == "rr" else SOURCE_PORT
+        return self.bed.servers[0].addr, RR_PORT if service == "rr" else BULK_PORT
+
+
+class KernelNatPath(DataPath):
+    """iptables DNAT + SNAT in the balancer namespace, in chains of its own (removed exactly at close)."""
+
+    name = KERNEL_NAT
+    CHAINS = (("PREROUTING", "CVYBENCH-PRE"), ("POSTROUTING", "CVYBENCH-POST"))
+
+    def __init__(self, bed: Testbed) -> None:
+        super().__init__(bed)
+        l4.flush_conntrack(bed.lb)
+        vip, n = bed.vip, len(bed.servers)
+        lines = ["*nat", ":CVYBENCH-PRE - [0:0]", ":CVYBENCH-POST - [0:0]"]
+        for i, server in enumerate(bed.servers):
+            nth = f"-m statistic --mode nth --every {n - i} --packet 0 " if i < n - 1 else ""
+            lines.append(f"-A CVYBENCH-PRE -d {vip}/32 -p tcp -m tcp --dport {VIP_WEB_PORT} {nth}"
+                         f"-j DNAT --to-destination {server.addr}:{RR_PORT}")  # fmt: skip
+        lines.append(f"-A CVYBENCH-PRE -d {vip}/32 -p tcp -m tcp --dport {BULK_PORT} "
+                     f"-j DNAT --to-destination {bed.servers[0].addr}:{BULK_PORT}")  # fmt: skip
+        for i, server in enumerate(bed.servers):
+            lines.append(f"-A CVYBENCH-POST -d {server.addr}/32 -p tcp -j SNAT --to-source "
+                         f"{bed.lb_addr_towards(i)}:{PORT_RANGE[0]}-{PORT_RANGE[1]}")  # fmt: skip
+        lines += [f"-A {hook} -j {chain}" for hook, chain in self.CHAINS]
+        bed.lb.run(["iptables-restore", "--noflush"], input="\n".join([*lines, "COMMIT", ""]))
+
+    def close(self) -> None:
+        for hook, chain in self.CHAINS:
+            self.bed.lb.run(["iptables", "-t", "nat", "-D", hook, "-j", chain], check=False)
+            self.bed.lb.run(["iptables", "-t", "nat", "-F", chain], check=False)
+            self.bed.lb.run(["iptables", "-t", "nat", "-X", chain], check=False)
 
 
 class AcceptOnlyPath(DataPath):
     """convey's rules (installed with ``convey rules install``), with the accept-only loop bound to the queue."""
 
-    name = "accept-only loop"
+    name = ACCEPT_ONLY
+    pps = True
+    l4 = False
 
     def __init__(self, bed: Testbed, max_seconds: float) -> None:
         super().__init__(bed)
@@ -182,12 +211,9 @@ class AcceptOnlyPath(DataPath):
             bed.lb, "accept_only", 0, max_seconds, stdin=True
         )
 
-    def target(self, service: str) -> tuple[str, int]:
-        return self.bed.vip, VIP_WEB_PORT if service == "rr" else VIP_BULK_PORT
-
-    def verdicts(self, timeout: float = 60.0) -> int:
+    def verdicts(self) -> int:
         assert self.proc is not None
-        return int(ask(self.proc, "count", timeout))
+        return int(ask(self.proc, "count", 60))
 
     @property
     def pid(self) -> int:
@@ -207,22 +233,33 @@ class AcceptOnlyPath(DataPath):
 
 
 class ConveyPath(DataPath):
-    """The real ``convey --passthrough`` process, rules installed by it (``--install-rules``)."""
+    """The real ``convey --passthrough [--offload] --install-rules`` process."""
 
-    name = "convey passthrough"
-
-    def __init__(self, bed: Testbed) -> None:
+    def __init__(self, bed: Testbed, offload: bool = False) -> None:
         super().__init__(bed)
-        self.convey: Any = ConveyProcess(bed, config_text(bed), name="bench-convey").start()
+        self.offload = offload
+        self.name = OFFLOAD if offload else PER_PACKET
+        self.pps = not offload
+        if offload:
+            l4.flush_conntrack(bed.lb)
+        name = "bench-offload" if offload else "bench-convey"
+        try:
+            self.convey: Any = ConveyProcess(bed, config_text(bed, offload), name=name).start()
+        except ConveyProcessError as exc:
+            if offload:
+                raise l4.Skip(f"convey --passthrough --offload refused to start: {l4.refusal(exc)}") from None
+            raise
         self._flows: subprocess.Popen[bytes] | None = None
 
-    def target(self, service: str) -> tuple[str, int]:
-        return self.bed.vip, VIP_WEB_PORT if service == "rr" else VIP_BULK_PORT
+    def verdicts(self) -> int:
+        return l4.verdict_count(self.convey.stats(timeout=60))
 
-    def verdicts(self, timeout: float = 60.0) -> int:
-        doc = self.convey.stats(timeout=timeout)
-        v = doc["packet"]["verdicts"]
-        return int(v["ingress_accepted"] + v["ingress_dropped"] + v["return_accepted"] + v["return_dropped"])
+    def stats(self) -> dict[str, Any]:
+        doc: dict[str, Any] = self.convey.stats(timeout=60)
+        return doc
+
+    def cpu_pid(self) -> int:
+        return self.pid
 
     @property
     def pid(self) -> int:
@@ -230,11 +267,11 @@ class ConveyPath(DataPath):
 
     def prepare_blast(self) -> None:
         """The blasted connections, established through convey, so every frame is a packet of a known flow."""
-        self._flows = spawn_in(self.bed.client, "flows", self.bed.vip, VIP_WEB_PORT, BLAST_SPORT, BLAST_FLOWS, 120,
-                            stdin=True)  # fmt: skip
+        self._flows = spawn_in(self.bed.client, "flows", self.bed.vip, VIP_WEB_PORT, blast.BLAST_SPORT, blast.BLAST_FLOWS, 120,
+                               stdin=True)  # fmt: skip
         flows = self.convey.stats()["packet"]["flows"]
-        if flows < BLAST_FLOWS:
-            raise RuntimeError(f"convey tracks {flows} flows, expected at least {BLAST_FLOWS}")
+        if flows < blast.BLAST_FLOWS:
+            raise RuntimeError(f"convey tracks {flows} flows, expected at least {blast.BLAST_FLOWS}")
 
     def end_blast(self) -> None:
         if self._flows is not None:
@@ -248,226 +285,121 @@ class ConveyPath(DataPath):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# measurements
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Pps:
-    pps: float
-    cpu_us: float  # CPU microseconds of the verdict process per packet
-    user_us: float  # of which in user space
-    offered: float  # packets/s the blaster sent
-    drops: int  # kernel queue drops during the blast
-
-    def show(self) -> str:
-        return f"{self.pps:,.0f}"
-
-
-def blast_frames(bed: Testbed) -> list[bytes]:
-    """Ethernet frames: client -> VIP:80, ACK|PSH, 17 bytes of payload, from the BLAST_FLOWS fixed ports."""
-
-    def mac(text: str) -> bytes:
-        return bytes.fromhex(text.replace(":", ""))
-
-    frames = []
-    src, dst = socket.inet_aton(bed.client.addr), socket.inet_aton(bed.vip)
-    for i in range(BLAST_FLOWS):
-        tcp = bytearray(struct.pack("!HHIIBBHHH", BLAST_SPORT + i, VIP_WEB_PORT, 1_000_000, 2_000_000, 0x50,
-                                    0x18, 65535, 0, 0) + BLAST_PAYLOAD)  # fmt: skip
-        ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), i, 0x4000, 64, 6, 0, src, dst))
-        struct.pack_into("!H", ip, 10, ip_header_checksum(ip))
-        pseudo = src + dst + struct.pack("!HH", 6, len(tcp))
-        struct.pack_into("!H", tcp, 16, internet_checksum(pseudo + tcp))
-        frames.append(mac(bed.lb.mac) + mac(bed.client.mac) + b"\x08\x00" + ip + tcp)
-    return frames
-
-
-def measure_pps(bed: Testbed, path: DataPath, frames: list[bytes], seconds: float) -> Pps:
-    """Verdicts/s at the queue while the blaster runs for ``seconds`` (see the module doc). The verdict process
-    runs on the last CPU, the blaster (and the kernel work of sending and queueing its packets) on the first."""
-    path.prepare_blast()
-    last_cpu = (os.cpu_count() or 1) - 1
-    pin(path.pid, last_cpu)
-    try:
-        count0, cpu0 = path.verdicts(), cpu_times(path.pid)
-        drops0 = queue_drops(bed.lb)
-        blaster = spawn_in(bed.client, "blast", "eth0", seconds, ready=False, stdin=True)
-        assert blaster.stdin is not None
-        pin(blaster.pid, 0)
-        blaster.stdin.write(json.dumps([f.hex() for f in frames]).encode() + b"\n")
-        blaster.stdin.flush()
-        if read_line(blaster, 20) != "ready":
-            raise RuntimeError("the blaster did not start")
-        started = time.monotonic()
-        sent = result_of(blaster, seconds + 30)
-        count1 = path.verdicts()  # answered once the queue has drained
-        cpu = cpu_times(path.pid) - cpu0
-        elapsed = time.monotonic() - started
-        drops = queue_drops(bed.lb) - drops0
-    finally:
-        path.end_blast()
-    packets = count1 - count0
-    if packets <= 0:
-        raise RuntimeError(f"{path.name}: no packet got a verdict")
-    user, system = cpu
-    return Pps(
-        packets / elapsed,
-        (user + system) * 1e6 / packets,
-        user * 1e6 / packets,
-        sent["sent"] / sent["seconds"],
-        drops,
-    )
-
-
-def measure_bulk(bed: Testbed, path: DataPath, seconds: float) -> float:
-    """Mbit/s of one TCP stream server -> client through ``path``."""
-    addr, port = path.target("bulk")
-    warmup = min(0.3, seconds / 4)
-    proc = spawn_in(bed.client, "bulk_client", addr, port, seconds, 1, "D", warmup, CHUNK, ready=False)
-    result = result_of(proc, warmup + seconds + 30)
-    if result["errors"]:
-        raise RuntimeError(f"bulk client errors: {result['errors']}")
-    return float(result["bytes_per_second"]) * 8 / 1e6
-
-
-def measure_conns(bed: Testbed, path: DataPath, seconds: float, concurrency: int) -> tuple[float, int]:
-    """(connections/s, failed connections) for short connections through ``path``."""
-    addr, port = path.target("rr")
-    proc = spawn_in(
-        bed.client, "rr_client", addr, port, seconds, concurrency, MAX_CONNECTIONS, 0, "rr", ready=False
-    )
-    result = result_of(proc, seconds + 60)
-    return float(result["per_second"]), int(result["errors"])
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Results:
-    pps: dict[str, list[Pps]] = field(default_factory=dict)
-    bulk: dict[str, float] = field(default_factory=dict)
-    conns: dict[str, tuple[float, int]] = field(default_factory=dict)
+    series: Series = field(default_factory=Series)
+    pps: dict[str, list[blast.Pps]] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    tools: list[str] = field(default_factory=list)
 
 
 def bench(args: argparse.Namespace) -> Results:
     results = Results()
-    bed = Testbed.create(kind="routed", servers=1)
+    bed = Testbed.create(kind="routed", servers=SERVERS)
     try:
-        spawn_in(bed.servers[0], "rr_server", bed.servers[0].addr, RR_PORT)
-        spawn_in(bed.servers[0], "bulk_server", bed.servers[0].addr, SOURCE_PORT, CHUNK)
-        # blasted packets die right after the verdict, the same way on both paths
+        tools = l4.Tools.find(bed.logdir)
+        results.tools = tools.describe()
+        if not args.keep_time_wait:
+            l4.no_time_wait(bed.servers)
+        for server in bed.servers:
+            l4.start_rr_server(tools, server, server.addr, RR_PORT)
+        l4.start_bulk_server(tools, bed.servers[0], bed.servers[0].addr, BULK_PORT)
+        # blasted packets die right after the verdict, the same way on every path
         for chain in ("INPUT", "FORWARD"):
-            bed.lb.run(["iptables", "-A", chain, "-p", "tcp", "-m", "length", "--length", str(BLAST_LENGTH),
+            bed.lb.run(["iptables", "-A", chain, "-p", "tcp", "-m", "length", "--length", str(blast.BLAST_LENGTH),
                         "-j", "DROP"])  # fmt: skip
-        frames = blast_frames(bed)
+        frames = blast.blast_frames(bed, VIP_WEB_PORT)
+        load = l4.Load(args.seconds, args.warmup, args.concurrency)
         say = progress()
 
-        with KernelPath(bed) as kernel:
-            say("kernel forwarding: bulk")
-            results.bulk[kernel.name] = measure_bulk(bed, kernel, args.seconds)
-            say("kernel forwarding: connections")
-            results.conns[kernel.name] = measure_conns(bed, kernel, args.seconds, args.concurrency)
-        paths: list[Callable[[], DataPath]] = [
-            functools.partial(AcceptOnlyPath, bed, 600),
-            functools.partial(ConveyPath, bed),
+        rows: list[tuple[str, Callable[[], l4.Row]]] = []
+        if not args.quick:
+            rows.append((KERNEL_FWD, lambda: KernelPath(bed)))
+        rows += [
+            (KERNEL_NAT, lambda: KernelNatPath(bed)),
+            (ACCEPT_ONLY, lambda: AcceptOnlyPath(bed, 600)),
+            (PER_PACKET, lambda: ConveyPath(bed)),
         ]
-        for round_no, make in interleave(args.rounds, paths, alternate=True):
-            with make() as path:
-                say(f"round {round_no + 1}: {path.name}: packets/s")
-                results.pps.setdefault(path.name, []).append(measure_pps(bed, path, frames, args.seconds))
-                if isinstance(path, ConveyPath) and path.name not in results.bulk:
-                    say("convey passthrough: bulk")
-                    results.bulk[path.name] = measure_bulk(bed, path, args.seconds)
-                    say("convey passthrough: connections")
-                    results.conns[path.name] = measure_conns(bed, path, args.seconds, args.concurrency)
+        if args.no_offload:
+            results.skipped[OFFLOAD] = "--no-offload"
+        else:
+            rows.append((OFFLOAD, lambda: ConveyPath(bed, offload=True)))
+
+        def measure(row: l4.Row) -> None:
+            assert isinstance(row, DataPath)
+            if row.pps:
+                say(f"  {row.name}: packets/s")
+                results.pps.setdefault(row.name, []).append(
+                    blast.measure_pps(bed, row, frames, args.pps_seconds)
+                )
+            if row.l4:
+                say(f"  {row.name}: bulk up, bulk down, connections/s")
+                limit = PER_PACKET_MAX_CONNECTIONS if row.name == PER_PACKET else l4.MAX_CONNECTIONS
+                l4.measure_row(tools, bed.client, row, load, results.series, limit)
+
+        l4.run_rows(args.rounds, rows, measure, say, results.skipped)
     finally:
         bed.destroy()
     return results
 
 
 def report(results: Results) -> str:
-    accept, convey = "accept-only loop", "convey passthrough"
-    kernel = "kernel forwarding"
-    lines = ["| path | packets/s | CPU us/packet (user) | offered pkt/s | queue drops | bulk Mbit/s | conn/s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-
-    def median(name: str) -> Pps | None:
-        runs = results.pps.get(name)
-        if not runs:
-            return None
-        return Pps(
-            statistics.median(r.pps for r in runs),
-            statistics.median(r.cpu_us for r in runs),
-            statistics.median(r.user_us for r in runs),
-            statistics.median(r.offered for r in runs),
-            sum(r.drops for r in runs),
-        )
-
-    for name in (kernel, accept, convey):
-        p = median(name)
-        cells = (
-            [f"{p.pps:,.0f}", f"{p.cpu_us:.2f} ({p.user_us:.2f})", f"{p.offered:,.0f}", f"{p.drops:,}"]
-            if p
-            else ["-"] * 4
-        )
-        bulk = results.bulk.get(name)
-        conns = results.conns.get(name)
-        cells.append(f"{bulk:,.0f}" if bulk is not None else "-")
-        cells.append(f"{conns[0]:,.0f}" + (f" ({conns[1]} failed)" if conns[1] else "") if conns else "-")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    s = results.series
+    lines = [l4.l4_table(s, ROW_ORDER, results.skipped)]
     lines.append("")
-    a, c = median(accept), median(convey)
-    if a and c:
-        lines.append(f"convey / accept-only packets/s:   {c.pps / a.pps:.2f}x   (target >= 0.8x)")
-        lines.append(f"accept-only / convey CPU/packet:  {a.cpu_us / c.cpu_us:.2f}x")
-        for name in (accept, convey):
-            if not results.pps[name] or all(r.drops == 0 for r in results.pps[name]):
-                lines.append(
-                    f"  note: no queue drops for {name}: the blaster, not the handler, was the limit"
-                )
-        if len(results.pps[accept]) > 1:
-            lines.append(
-                "  rounds, packets/s: "
-                + "; ".join(
-                    f"{name} " + ", ".join(f"{r.pps:,.0f}" for r in results.pps[name])
-                    for name in (accept, convey)
-                )
-            )
-    if convey in results.bulk and kernel in results.bulk:
-        lines.append(f"convey / kernel bulk Mbit/s:      {results.bulk[convey] / results.bulk[kernel]:.2f}x")
-    if convey in results.conns and kernel in results.conns:
-        lines.append(
-            f"convey / kernel connections/s:    {results.conns[convey][0] / results.conns[kernel][0]:.2f}x"
-        )
+    for row, base, label, targets in (
+        (OFFLOAD, KERNEL_NAT, "passthrough offload / kernel NAT:", True),
+        (PER_PACKET, KERNEL_NAT, "passthrough per-packet / kernel NAT:", False),
+        (OFFLOAD, PER_PACKET, "passthrough offload / per-packet:", False),
+    ):
+        line = l4.ratio_line(s, row, base, label, TARGETS if targets else None)
+        if line:
+            lines.append(line)
+    per_conn = s.median(OFFLOAD, l4.PER_CONN)
+    if per_conn is not None and per_conn > 3:
+        lines.append(f"  note: {per_conn:.1f} packets per connection reached convey with offload on: the kernel "
+                     "is not carrying the connections (is the offload plane in this tree?)")  # fmt: skip
+    lines.append("")
+    lines.append(blast.pps_report(results.pps, ACCEPT_ONLY, PER_PACKET))
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="shorter measurements, one packets/s round")
-    parser.add_argument("--seconds", type=float, help="seconds per measurement (default 3, quick 1.5)")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 s measurements, one round, no kernel forwarding row (about 2 minutes with DSR)")  # fmt: skip
     parser.add_argument(
-        "--rounds", type=int, help="packets/s rounds per path, alternating (default 3, quick 1)"
+        "--seconds", type=float, help="iperf3 -t and the connections/s window (default 5, quick 2)"
     )
     parser.add_argument(
-        "--concurrency", type=int, default=32, help="concurrent short connections (default 32)"
+        "--rounds", type=int, help="rounds over every row, alternating the order (default 3, quick 1)"
     )
-    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument(
-        "--no-dsr",
-        action="store_true",
-        help="skip the DSR vs passthrough part (bench/dsr.py, an L2 test bed)",
+        "--concurrency", type=int, default=32, help="short connections in flight (default 32)"
+    )
+    parser.add_argument(
+        "--no-offload", action="store_true", help="skip the offload rows (a kernel without conntrack)"
+    )
+    parser.add_argument("--keep-time-wait", action="store_true",
+                        help="leave TIME_WAIT on the servers (see bench/lib/l4.py's no_time_wait)")  # fmt: skip
+    parser.add_argument(
+        "--no-dsr", action="store_true", help="skip the DSR part (bench/dsr.py, an L2 test bed)"
+    )
+    parser.add_argument(
+        "--json", type=Path, help="also write every measurement (all rounds) to this JSON file"
     )
     args = parser.parse_args(argv)
-    args.seconds = args.seconds or (1.5 if args.quick else 3.0)
+    args.seconds = args.seconds or (2.0 if args.quick else 5.0)
     args.rounds = args.rounds or (1 if args.quick else 3)
-    if not 0.5 <= args.seconds <= 20 or not 1 <= args.rounds <= 5:
-        parser.error("--seconds must be 0.5..20 and --rounds 1..5")
+    args.warmup = 0.5 if args.quick else 1.0
+    args.pps_seconds = min(args.seconds, 1.5 if args.quick else 3.0)
+    if not 0.5 <= args.seconds <= 20 or not 1 <= args.rounds <= 7:
+        parser.error("--seconds must be 0.5..20 and --rounds 1..7")
     if os.geteuid() != 0:
         print("bench/packet.py builds network namespaces: run it as root", file=sys.stderr)
         return 1
@@ -481,24 +413,27 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     print(
-        f"convey packet-path benchmark: {args.seconds:g}s per measurement, {args.rounds} packets/s round(s), "
+        f"convey packet-path benchmark: {args.seconds:g}s per measurement, {args.rounds} round(s), "
         f"{os.cpu_count()} CPUs (load generators share them with what they measure)",
         file=sys.stderr,
     )
     started = time.monotonic()
-    dsr_rows: list[dict[str, Any]] = []
+    dsr_doc: dict[str, Any] = {}
     try:
         results = bench(args)
+        print("\n".join(f"({line})" for line in results.tools))
         print(report(results), flush=True)
         if not args.no_dsr:
-            from bench import (
-                dsr,
-            )  # DSR vs passthrough on one L2 test bed: balancer packets/s and download Mbit/s
+            from bench import dsr
 
-            print("\nDSR vs passthrough (same L2 test bed; bench/dsr.py):", file=sys.stderr)
-            dsr_rows = dsr.run(quick=args.quick)
+            print("\nDSR (an L2 test bed; bench/dsr.py):", file=sys.stderr)
+            dsr_results = dsr.run(
+                rounds=args.rounds, seconds=args.seconds, warmup=args.warmup, concurrency=args.concurrency,
+                offload=not args.no_offload, keep_time_wait=args.keep_time_wait,
+            )  # fmt: skip
             print()
-            print(dsr.report(dsr_rows))
+            print(dsr.report(dsr_results))
+            dsr_doc = dsr_results.as_dict()
     except KeyboardInterrupt:
         print("interrupted; the test bed and every process in it are gone", file=sys.stderr)
         return 130
@@ -506,10 +441,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = {
             "seconds": args.seconds,
+            "rounds": args.rounds,
+            "tools": results.tools,
+            "series": results.series.as_dict(),
+            "skipped": results.skipped,
             "pps": {k: [r.__dict__ for r in v] for k, v in results.pps.items()},
-            "bulk_mbit_s": results.bulk,
-            "conn_s": {k: {"per_second": v[0], "failed": v[1]} for k, v in results.conns.items()},
-            "dsr": dsr_rows,
+            "dsr": dsr_doc,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=2) + "\n")

@@ -2,7 +2,7 @@
 # Install the Debian packages convey's tests, demo and benchmarks need, only those that are missing.
 set -euo pipefail
 packages=(iptables nftables iproute2 kmod libnetfilter-queue-dev libnfnetlink-dev build-essential python3-venv
-          python3-dev curl haproxy tcpdump procps)
+          python3-dev curl haproxy tcpdump procps iperf3)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -41,3 +41,45 @@ def progress() -> Callable[[str], None]:
         print(f"  [{time.monotonic() - started:5.1f}s] {text}", file=sys.stderr, flush=True)
 
     return say
+
+
+class Series:
+    """Every value of every round: row -> metric -> [value per round]."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[str, list[float]]] = {}
+
+    def add(self, row: str, metric: str, value: float) -> None:
+        self.values.setdefault(row, {}).setdefault(metric, []).append(value)
+
+    def get(self, row: str, metric: str) -> list[float]:
+        return self.values.get(row, {}).get(metric, [])
+
+    def median(self, row: str, metric: str) -> float | None:
+        values = self.get(row, metric)
+        return statistics.median(values) if values else None
+
+    def ratio(self, row: str, base: str, metric: str) -> float | None:
+        """median(row) / median(base), None when either is missing or the base is 0."""
+        a, b = self.median(row, metric), self.median(base, metric)
+        return a / b if a is not None and b else None
+
+    def cell(self, row: str, metric: str, fmt: str = ",.0f") -> str:
+        """``median ±h%`` (h: half the spread), the median alone for one round, ``-`` without values."""
+        values = self.get(row, metric)
+        if not values:
+            return "-"
+        text = format(statistics.median(values), fmt)
+        if len(values) > 1:
+            text += f" ±{spread(values) * 50:.0f}%"
+        return text
+
+    def as_dict(self) -> dict[str, dict[str, list[float]]]:
+        return self.values
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A Markdown table, first column left-aligned, the others right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
