@@ -95,7 +95,12 @@ class PacketPlane(ABC, Generic[D]):
 
     @abstractmethod
     def _callback(self, decider: D, batch: Batch) -> Callable[[Any], None]:
-        """The queue callback: counts ``batch`` down, gives every packet a verdict, never raises."""
+        """The queue callback: counts ``batch`` down, gives every packet a verdict, never raises.
+
+        Each plane writes its own, though they share a shape (batch countdown, ``decide``, verdict, resets): the
+        answers differ per mode (bytes, a fwmark, a mark plus a conntrack entry), and a shared callback calling
+        a per-mode verdict function would add one Python call to every packet of the per-packet planes
+        (~50-80 ns of ~1.7 us, bench/hotpath.py)."""
 
     async def _prepare(self, config: Config) -> None:
         """Before the first ``_load``: what the decision needs besides the config."""

@@ -28,10 +28,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from convey.balancing.schedulers import flow_hash
+from convey.packet.admission import Admission, Chooser
 from convey.packet.counters import PassthroughCounters, count_malformed
-from convey.packet.ipv4 import ACK, FIN, RST, SYN, Malformed, Parsed, addr_to_int, parse
-from convey.packet.passthrough import RST_QUEUE_LIMIT, Chooser, queue_reset
+from convey.packet.ipv4 import Malformed, Parsed, parse
 
 __all__ = ["MarkOf", "OffloadDecision", "syn_timestamps"]
 
@@ -65,7 +64,7 @@ def _never_full() -> bool:
     return False
 
 
-class OffloadDecision:
+class OffloadDecision(Admission):
     """Sans-I/O first-packet decisions; see the module doc. ``vips`` maps (VIP addr, VIP port) to the frontend
     and may be replaced on reload; so may ``mark_of``."""
 
@@ -114,25 +113,10 @@ class OffloadDecision:
 
     def _first(self, payload: bytes, p: Parsed) -> int | None:
         counters = self.counters
-        frontend = self.vips.get((p.dst, p.dport))
-        if frontend is None:
-            counters.not_vip += 1
+        admitted = self.admit(p, self.full())
+        if admitted is None:
             return None
-        if p.flags & (SYN | ACK | RST | FIN) != SYN:
-            counters.unknown_flow += 1
-            if self.rst_unknown:
-                self._reset(p)
-            return None
-        if self.full():
-            counters.table_full += 1
-            self._refuse(frontend, p)
-            return None
-        hashed = flow_hash(addr_to_int(p.src), p.sport, addr_to_int(p.dst), p.dport)
-        choice = self.choose(frontend, hashed)
-        if choice is None:
-            counters.no_server += 1
-            self._refuse(frontend, p)
-            return None
+        frontend, choice, hashed = admitted
         mark = self.mark_of(choice[0], hashed)
         if mark is None:
             counters.no_port += 1
@@ -143,14 +127,3 @@ class OffloadDecision:
         self.header_sizes = (p.ihl, p.tcp_header_len, syn_timestamps(payload, p.ihl, p.tcp_header_len))
         counters.flows_opened += 1
         return mark
-
-    def _refuse(self, frontend: str, p: Parsed) -> None:
-        self.refused[frontend] = self.refused.get(frontend, 0) + 1
-        self._reset(p)
-
-    def _reset(self, p: Parsed) -> None:
-        queued = queue_reset(self.rst_out, RST_QUEUE_LIMIT, p)
-        if queued > 0:
-            self.counters.rst_queued += 1
-        elif queued < 0:
-            self.counters.rst_overflow += 1

@@ -46,7 +46,7 @@ from collections.abc import Callable, Mapping, Sequence
 from enum import IntEnum
 from struct import Struct
 
-from convey.balancing.schedulers import flow_hash
+from convey.packet.admission import RST_QUEUE_LIMIT, Admission, Chooser, queue_reset
 from convey.packet.counters import PassthroughCounters, count_malformed
 from convey.packet.fastpath import NO_FLOWS, Packet, compile_passthrough
 from convey.packet.flows import Flow, FlowState, FlowTable, new_passthrough_flow
@@ -57,10 +57,8 @@ from convey.packet.ipv4 import (
     SYN,
     Malformed,
     Parsed,
-    addr_to_int,
     flow_key,
     parse,
-    reset_for,
     rewrite,
 )
 from convey.packet.ports import Ports
@@ -83,12 +81,7 @@ class Verdict(IntEnum):
     ACCEPT = 1  # accept; the payload may have been rewritten in place
 
 
-# (frontend name, flow hash) -> (server id, server addr, server port), or None when no server is healthy.
-Chooser = Callable[[str, int], tuple[str, bytes, int] | None]
 FlowCallback = Callable[[Flow], None]
-
-# At most this many resets wait in ``rst_out``: should the edge stop draining it, memory stays bounded.
-RST_QUEUE_LIMIT = 256
 
 ACCEPT = Verdict.ACCEPT
 DROP = Verdict.DROP
@@ -103,21 +96,7 @@ def _not_fast(payload: Packet, now: float) -> None:
     return None
 
 
-def queue_reset(out: list[bytes], limit: int, p: Parsed) -> int:
-    """Append the RST answering the segment ``p`` to ``out``: 1 if queued, 0 if none is due (it was a RST), -1
-    if ``out`` already holds ``limit`` resets."""
-    if p.flags & RST:
-        return 0
-    if len(out) >= limit:
-        return -1
-    rst = reset_for(p.src, p.dst, p.sport, p.dport, p.seq, p.ack, p.flags, p.payload_len)
-    if rst is None:
-        return 0
-    out.append(rst)
-    return 1
-
-
-class Passthrough:
+class Passthrough(Admission):
     """Sans-I/O passthrough decisions; see the module doc. One instance per queue (not thread-safe).
 
     ``vips`` maps (VIP addr, VIP port) to the frontend name and may be a live mapping or be replaced.
@@ -282,24 +261,10 @@ class Passthrough:
     def _open(self, p: Parsed, now: float) -> Flow | None:
         """A new flow for this SYN, or None after counting (and maybe queueing a RST) why not."""
         counters = self.counters
-        frontend = self.vips.get((p.dst, p.dport))
-        if frontend is None:
-            counters.not_vip += 1
+        admitted = self.admit(p, self.flows.full)
+        if admitted is None:
             return None
-        if p.flags & (SYN | ACK | RST | FIN) != SYN:
-            counters.unknown_flow += 1
-            if self.rst_unknown:
-                self._reset(p)
-            return None
-        if self.flows.full:
-            counters.table_full += 1
-            self._refuse(frontend, p)
-            return None
-        choice = self.choose(frontend, flow_hash(addr_to_int(p.src), p.sport, addr_to_int(p.dst), p.dport))
-        if choice is None:
-            counters.no_server += 1
-            self._refuse(frontend, p)
-            return None
+        frontend, choice, _ = admitted
         server_id, server_addr, server_port = choice
         got = self.ports.allocate(server_addr, server_port, now)
         if got is None:
@@ -323,11 +288,6 @@ class Passthrough:
             except Exception:
                 counters.callback_errors += 1
         return flow
-
-    def _refuse(self, frontend: str, p: Parsed) -> None:
-        """The client of ``frontend`` is turned away (the reason is counted): a RST, and ``refused``."""
-        self.refused[frontend] = self.refused.get(frontend, 0) + 1
-        self._reset(p)
 
     def _ret_full(self, buf: bytearray, now: float, parsed: Parsed | Malformed | None = None) -> int:
         counters = self.counters
@@ -379,10 +339,3 @@ class Passthrough:
                 self.on_flow_close(flow)
             except Exception:
                 self.counters.callback_errors += 1
-
-    def _reset(self, p: Parsed) -> None:
-        queued = queue_reset(self.rst_out, RST_QUEUE_LIMIT, p)
-        if queued > 0:
-            self.counters.rst_queued += 1
-        elif queued < 0:
-            self.counters.rst_overflow += 1
