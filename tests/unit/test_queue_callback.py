@@ -9,26 +9,7 @@ from typing import Any
 
 import pytest
 
-
-class FakePacket:
-    """What the queue callback sees of a packet: payload in, verdict and new payload out."""
-
-    def __init__(self, payload: bytes) -> None:
-        self.payload = payload
-        self.out: bytes | None = None
-        self.verdict: str | None = None
-
-    def get_payload(self) -> bytes:
-        return self.payload
-
-    def set_payload(self, payload: bytes) -> None:
-        self.out = payload
-
-    def accept(self) -> None:
-        self.verdict = "accept"
-
-    def drop(self) -> None:
-        self.verdict = "drop"
+from tests.unit.test_fastpath import FakePacket
 
 
 class FakeRaw:
