@@ -345,9 +345,11 @@ class Monitor:
     def _fetch(self, keys: list[bytes]) -> None:
         assert self._query is not None
         messages = []
+        encode, seq = requests.encode_get_key, self._seq
         for key in keys:
-            self._seq = (self._seq + 1) & 0x7FFFFFFF
-            messages.append(requests.encode_get(self._seq, FlowTuple.from_key(key)))
+            seq = (seq + 1) & 0x7FFFFFFF
+            messages.append(encode(seq, key))
+        self._seq = seq
         try:
             self._query.send(b"".join(messages))
             self.fetches += len(keys)

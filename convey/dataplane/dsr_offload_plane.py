@@ -38,6 +38,7 @@ from convey.dataplane.dsr_plane import DsrPlane
 from convey.dataplane.nfqueue import Batch
 from convey.dataplane.offload_accounting import OffloadAccounting
 from convey.dataplane.rules.offload import OffloadPlan, offload_plan
+from convey.dataplane.verdict_sender import NF_ACCEPT, NF_DROP, VerdictSender, queue_fd, verdict_message
 from convey.errors import StartupError
 from convey.modes import Mode, Rewrite
 from convey.packet.dsr import Dsr
@@ -66,6 +67,7 @@ class DsrOffloadPlane(DsrPlane):
         self.handed = 0  # the mark ``_hand_over`` chose for the packet being decided (0: none)
         self.pickups = 0  # non-SYN packets that found no entry and were rescheduled
         self.unmarked = 0  # flows of a server without a mark: not handed to the kernel
+        self._verdicts: VerdictSender | None = None  # set once the queue is bound
 
     # -- start and stop ---------------------------------------------------------------------------------------
 
@@ -91,8 +93,13 @@ class DsrOffloadPlane(DsrPlane):
             self.monitor.start(asyncio.get_running_loop())  # adopts the connections already in the table
         except conntrack.ConntrackError as exc:
             raise StartupError(f"conntrack events: {exc}") from None
+        assert self._queue is not None
+        self._verdicts = VerdictSender(queue_fd(self._queue))
 
     async def stop(self, timeout: float) -> None:
+        if self._verdicts is not None:
+            self._verdicts.close()
+            self._verdicts = None
         if self.monitor is not None:
             self.monitor.stop()
             self.monitor = None
@@ -172,6 +179,8 @@ class DsrOffloadPlane(DsrPlane):
         send_resets = self._send_resets
         monotonic = time.monotonic
         plane = self
+        queue_num = self._queue_num(self.config) if self.config is not None else 0
+        message = verdict_message
 
         def on_packet(pkt: Any) -> None:
             left = batch.left - 1
@@ -181,7 +190,16 @@ class DsrOffloadPlane(DsrPlane):
             try:
                 plane.handed = 0
                 out = decide(pkt.get_payload(), monotonic())
-                if out is None:
+                sender = plane._verdicts
+                # with a sender, the kernel carries the packet on in another thread (see verdict_sender)
+                if sender is not None:
+                    if out is None:
+                        sender.put(message(queue_num, pkt.id, NF_DROP))
+                    elif isinstance(out, int):
+                        sender.put(message(queue_num, pkt.id, NF_ACCEPT, out or None))
+                    else:
+                        sender.put(message(queue_num, pkt.id, NF_ACCEPT, plane.handed or None, out))
+                elif out is None:
                     pkt.drop()
                 elif out.__class__ is int:  # mac: accept unchanged with the server's fwmark
                     if out:
@@ -226,4 +244,7 @@ class DsrOffloadPlane(DsrPlane):
         return doc
 
     def offload_section(self) -> dict[str, Any]:
-        return self.offload.section(self.monitor.counters() if self.monitor is not None else None)
+        doc = self.offload.section(self.monitor.counters() if self.monitor is not None else None)
+        if self._verdicts is not None:
+            doc["verdicts"] = self._verdicts.counters()
+        return doc

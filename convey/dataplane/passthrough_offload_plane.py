@@ -36,6 +36,7 @@ from convey.dataplane.offload_accounting import OffloadAccounting
 from convey.dataplane.plane import PacketPlane
 from convey.dataplane.rules.offload import OffloadPlan, offload_plan
 from convey.dataplane.rules.offload_kernel import require_kernel
+from convey.dataplane.verdict_sender import NF_ACCEPT, NF_DROP, VerdictSender, queue_fd, verdict_message
 from convey.modes import Mode
 from convey.packet.offload import OffloadDecision
 
@@ -53,6 +54,7 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
         self.offload = OffloadAccounting(pools, stats, self._offload_drained)
         self.monitor: conntrack.Monitor | None = None
         self._sizes: tuple[int, int, bool] | None = None
+        self._verdicts: VerdictSender | None = None
 
     # -- start and stop ---------------------------------------------------------------------------------------
 
@@ -62,7 +64,15 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
         self.plan = offload_plan(config, self.mode)
         await super().start(config)
 
+    async def _start(self, config: Config) -> None:
+        await super()._start(config)
+        assert self._queue is not None
+        self._verdicts = VerdictSender(queue_fd(self._queue))
+
     async def stop(self, timeout: float) -> None:
+        if self._verdicts is not None:
+            self._verdicts.close()
+            self._verdicts = None
         if self.monitor is not None:
             self.monitor.stop()
             self.monitor = None
@@ -109,6 +119,9 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
         monotonic = time.monotonic
         plane = self
 
+        queue_num = self._queue_num(self.config) if self.config is not None else 0
+        message = verdict_message
+
         def on_packet(pkt: Any) -> None:
             left = batch.left - 1
             batch.left = left
@@ -116,7 +129,13 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
                 batch.end()
             try:
                 mark = decide(pkt.get_payload(), monotonic())
-                if mark is None:
+                sender = plane._verdicts
+                if sender is not None:
+                    if mark is None:
+                        sender.put(message(queue_num, pkt.id, NF_DROP))
+                    else:
+                        sender.put(message(queue_num, pkt.id, NF_ACCEPT, mark))
+                elif mark is None:
                     pkt.drop()
                 else:
                     pkt.set_mark(mark)
@@ -195,4 +214,6 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
             doc["mark_mask"] = f"{self.plan.mask:#x}"
             doc["marks"] = {sid: f"{bits:#x}" for sid, bits in self.plan.servers.items()}
         doc["rules_updates_pending"] = len(self._rules_tasks)
+        if self._verdicts is not None:
+            doc["verdicts"] = self._verdicts.counters()
         return doc

@@ -244,3 +244,24 @@ def test_dump_get_and_delete_requests() -> None:
         assert struct.unpack_from("=H", data, 4)[0] == mtype
         ip = parsed(data).get_attr("CTA_TUPLE_ORIG").get_attr("CTA_TUPLE_IP")
         assert ip.get_attr("CTA_IP_V4_DST") == "198.19.0.100"
+
+
+@given(
+    st.binary(min_size=4, max_size=4),
+    st.binary(min_size=4, max_size=4),
+    st.integers(0, 65535),
+    st.integers(0, 65535),
+    st.integers(0, 0x7FFFFFFF),
+    st.booleans(),
+)
+def test_the_one_pack_get_equals_the_generic_encoding(
+    src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: bool
+) -> None:
+    orig = FlowTuple(socket.inet_ntoa(src), socket.inet_ntoa(dst), sport, dport)
+    generic = requests._message(
+        wire.CT_GET,
+        wire.NLM_F_REQUEST | (wire.NLM_F_ACK if ack else 0),
+        seq,
+        requests._tuple_attr(wire.CTA_TUPLE_ORIG, orig),
+    )
+    assert requests.encode_get_key(seq, orig.key, ack) == generic == requests.encode_get(seq, orig, ack)
