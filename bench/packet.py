@@ -2,7 +2,7 @@
 """Packet-path benchmark: kernel NAT, convey passthrough per packet and with flow offload, side by side (root only).
 
     sudo .venv/bin/python bench/packet.py [--quick] [--seconds N] [--rounds N] [--no-offload] [--no-dsr]
-                                          [--keep-time-wait] [--json FILE]
+                                          [--inline-verdicts] [--keep-time-wait] [--json FILE]
 
 Builds a routed namespace test bed (testbed/: client -- lb -- two servers, all in 198.18.0.0/15; the host's own
 namespace is never touched) and measures, rows interleaved A/B/A/B (the order alternating every round), on the
@@ -14,7 +14,9 @@ same bed and the same servers:
 * **passthrough per-packet**: ``convey --passthrough --install-rules``: every packet both ways through NFQUEUE.
 * **passthrough offload**: ``convey --passthrough --offload --install-rules`` (``[passthrough] offload = true``):
   only a connection's first packet reaches convey, conntrack NAT carries the rest. Skipped with ``--no-offload``
-  (a kernel without conntrack), and skipped with convey's own message when it refuses to start.
+  (a kernel without conntrack), and skipped with convey's own message when it refuses to start. With
+  ``--inline-verdicts`` also the same with its verdicts sent by the loop itself
+  (``CONVEY_OFFLOAD_VERDICTS=inline``; see convey/dataplane/verdict_sender.py): what the verdict thread buys.
 * **kernel forwarding** (full run only): plain routing, the client talks to the server directly: the ceiling.
 * **accept-only loop**: convey's per-packet rules with a tiny program bound to the queue that only accepts: the
   packets/s ceiling of any userspace verdict path (bench/lib's ``accept_only`` role).
@@ -82,7 +84,8 @@ KERNEL_NAT = "kernel NAT"
 ACCEPT_ONLY = "accept-only loop"
 PER_PACKET = "passthrough per-packet"
 OFFLOAD = "passthrough offload"
-ROW_ORDER = (KERNEL_FWD, KERNEL_NAT, ACCEPT_ONLY, PER_PACKET, OFFLOAD)
+OFFLOAD_INLINE = "offload, inline verdicts"
+ROW_ORDER = (KERNEL_FWD, KERNEL_NAT, ACCEPT_ONLY, PER_PACKET, OFFLOAD, OFFLOAD_INLINE)
 TARGETS = {l4.UP: 0.9, l4.DOWN: 0.9, l4.CONNS: 0.7}  # offload / kernel NAT, issue 8
 
 
@@ -235,16 +238,17 @@ class AcceptOnlyPath(DataPath):
 class ConveyPath(DataPath):
     """The real ``convey --passthrough [--offload] --install-rules`` process."""
 
-    def __init__(self, bed: Testbed, offload: bool = False) -> None:
+    def __init__(self, bed: Testbed, offload: bool = False, inline_verdicts: bool = False) -> None:
         super().__init__(bed)
         self.offload = offload
-        self.name = OFFLOAD if offload else PER_PACKET
+        self.name = (OFFLOAD_INLINE if inline_verdicts else OFFLOAD) if offload else PER_PACKET
         self.pps = not offload
         if offload:
             l4.flush_conntrack(bed.lb)
         name = "bench-offload" if offload else "bench-convey"
         try:
-            self.convey: Any = ConveyProcess(bed, config_text(bed, offload), name=name).start()
+            env = {"CONVEY_OFFLOAD_VERDICTS": "inline"} if inline_verdicts else None
+            self.convey: Any = ConveyProcess(bed, config_text(bed, offload), name=name, extra_env=env).start()
         except ConveyProcessError as exc:
             if offload:
                 raise l4.Skip(f"convey --passthrough --offload refused to start: {l4.refusal(exc)}") from None
@@ -328,6 +332,8 @@ def bench(args: argparse.Namespace) -> Results:
             results.skipped[OFFLOAD] = "--no-offload"
         else:
             rows.append((OFFLOAD, lambda: ConveyPath(bed, offload=True)))
+            if args.inline_verdicts:
+                rows.append((OFFLOAD_INLINE, lambda: ConveyPath(bed, offload=True, inline_verdicts=True)))
 
         def measure(row: l4.Row) -> None:
             assert isinstance(row, DataPath)
@@ -355,6 +361,7 @@ def report(results: Results) -> str:
         (OFFLOAD, KERNEL_NAT, "passthrough offload / kernel NAT:", True),
         (PER_PACKET, KERNEL_NAT, "passthrough per-packet / kernel NAT:", False),
         (OFFLOAD, PER_PACKET, "passthrough offload / per-packet:", False),
+        (OFFLOAD, OFFLOAD_INLINE, "offload, verdict thread / inline verdicts:", False),
     ):
         line = l4.ratio_line(s, row, base, label, TARGETS if targets else None)
         if line:
@@ -385,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-offload", action="store_true", help="skip the offload rows (a kernel without conntrack)"
     )
+    parser.add_argument("--inline-verdicts", action="store_true",
+                        help="also an offload row with the verdicts sent inline (CONVEY_OFFLOAD_VERDICTS=inline)")  # fmt: skip
     parser.add_argument("--keep-time-wait", action="store_true",
                         help="leave TIME_WAIT on the servers (see bench/lib/l4.py's no_time_wait)")  # fmt: skip
     parser.add_argument(

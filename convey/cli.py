@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from convey import __version__
-from convey.config import Config, ConfigError, load_config, summary, with_offload
+from convey.config import Config, ConfigError, load_config, summary, validate_for_mode, with_offload
 from convey.errors import ConveyError
 from convey.modes import Mode
 
@@ -102,6 +102,7 @@ def _load(args: argparse.Namespace, mode: Mode) -> Config | None:
         return None
     try:
         config = load_config(args.config)
+        validate_for_mode(config, mode)
     except ConfigError as exc:
         print(f"convey: config error: {exc}", file=sys.stderr)
         return None
@@ -122,7 +123,7 @@ def cmd_check(argv: Sequence[str]) -> int:
         from convey.dataplane import rules
 
         try:
-            rules.render(config, mode)
+            rules.show(config, mode)  # every check `convey rules show` makes (VIPs, marks, route tables)
         except ConfigError as exc:
             print(f"convey: config error: {exc}", file=sys.stderr)
             return EXIT_CONFIG

@@ -6,6 +6,7 @@ as one :class:`ConfigError` that names the file, the key and the problem; nothin
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -17,6 +18,9 @@ from convey.modes import Mode, Rewrite
 SCHEDULERS = ("wrr", "least_conn", "maglev")
 DSR_REWRITES = tuple(Rewrite)
 EGRESS_NAT_METHODS = ("auto", "tc", "nft")
+# How the packet modes talk to NFQUEUE (convey/dataplane/nfqueue.py): the netfilterqueue package or our own socket.
+QUEUE_BINDINGS = ("netfilterqueue", "netlink")
+DEFAULT_QUEUE_BINDING = "netfilterqueue"
 
 DEFAULT_HEALTH_INTERVAL = 5.0
 DEFAULT_HEALTH_TIMEOUT = 1.0
@@ -24,6 +28,11 @@ DEFAULT_RISE = 2
 DEFAULT_FALL = 3
 DEFAULT_STATS_ADDRESS = "127.0.0.1"
 DEFAULT_PORT_RANGE = (33768, 61000)
+# Backend and server names: they make "backend/server" ids (marks, flows), /metrics labels and log fields, so a
+# name is 1-64 of these characters (every TOML bare key qualifies; "/" and spaces do not).
+NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+NAME_RULE = "1-64 letters, digits, '_', '-' or '.'"
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a larger file is refused before it is read
 
 
 class ConfigError(ConveyError):
@@ -34,7 +43,14 @@ class ConfigError(ConveyError):
         self.key = key
         self.problem = problem
         where = f"{file}: {key}: " if key else f"{file}: "
-        super().__init__(f"{where}{problem}")
+        super().__init__(_printable(f"{where}{problem}"))
+
+
+def _printable(text: str, limit: int = 1000) -> str:
+    """One line of printable text: control characters escaped (a key may hold any), long text cut."""
+    if not text.isprintable():
+        text = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +112,7 @@ class PassthroughConfig:
     # Addresses of the balancer used as the source towards servers. Empty: the kernel's choice for the route.
     source_addrs: tuple[str, ...] = ()
     queue_num: int = 0
+    queue_binding: str = DEFAULT_QUEUE_BINDING
     idle_timeout: float = 300.0
     syn_timeout: float = 10.0
     fin_linger: float = 2.0
@@ -108,6 +125,7 @@ class DsrConfig:
     rewrite: Rewrite = Rewrite.IP
     egress_nat: str = "auto"
     queue_num: int = 0
+    queue_binding: str = DEFAULT_QUEUE_BINDING
     idle_timeout: float = 300.0
     fwmark_base: int = 0x100
     route_table_base: int = 100
@@ -128,24 +146,57 @@ def load_config(path: str | Path) -> Config:
     """Read and validate a config file. Raises ConfigError for every problem, I/O ones included."""
     name = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(name, "", f"file too large (over {MAX_CONFIG_BYTES // (1024 * 1024)} MiB)")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(name, "", "file not found") from None
     except OSError as exc:
         raise ConfigError(name, "", f"cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(name, "", f"not UTF-8 text: {exc.reason}") from None
+        raise ConfigError(name, "", f"not UTF-8 text: {exc.reason} at byte {exc.start}") from None
+    except ValueError as exc:  # a path with a NUL byte
+        raise ConfigError(name, "", f"cannot read: {exc}") from None
     return parse_config(text, name)
 
 
 def parse_config(text: str, path: str = "<config>") -> Config:
+    """Validate TOML text: a Config, or a ConfigError for any input whatsoever (nothing else is raised)."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "", f"TOML syntax error: {exc}") from None
+    except RecursionError:
+        raise ConfigError(path, "", "TOML syntax error: arrays or tables nested too deeply") from None
+    except ValueError as exc:  # tomllib lets int()'s "Exceeds the limit (4300 digits)" through
+        raise ConfigError(path, "", f"TOML value error: {exc}") from None
+    if not raw:
+        raise ConfigError(path, "", "empty config (no [frontends] or [backends] tables)")
     from convey.config_parser import Parser  # the validating reader; it imports the types above
 
     return Parser(path).config(raw)
+
+
+def validate_for_mode(config: Config, mode: str) -> None:
+    """The checks only a mode makes; ConfigError for the first problem. Passthrough: convey SNATs to its source
+    addresses with ports from ``port_range``, and a server's reply to (address, port) is taken for client traffic
+    when that pair is a VIP. With ``source_addrs`` the parser already refused that; without them the kernel picks
+    the source per server (possibly a VIP's address), so no VIP port may lie inside the range."""
+    if mode != Mode.PASSTHROUGH or config.passthrough.source_addrs:
+        return
+    lo, hi = config.passthrough.port_range
+    for front in config.frontends.values():
+        if lo <= front.listen_addr.port <= hi:
+            raise ConfigError(
+                config.path,
+                f"frontends.{front.name}.listen_addr",
+                f"port {front.listen_addr.port} lies inside passthrough.port_range {lo}-{hi}: the servers' "
+                "replies to the balancer's ports would be taken for client traffic when the kernel picks "
+                f"{front.listen_addr.host} as the source towards a server; move the port or the range, or list "
+                "the balancer's source addresses in passthrough.source_addrs (without this address)",
+            )
 
 
 def offloaded(config: Config, mode: str) -> bool:

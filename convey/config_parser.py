@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,10 +16,14 @@ from convey.config import (
     DEFAULT_HEALTH_INTERVAL,
     DEFAULT_HEALTH_TIMEOUT,
     DEFAULT_PORT_RANGE,
+    DEFAULT_QUEUE_BINDING,
     DEFAULT_RISE,
     DEFAULT_STATS_ADDRESS,
     DSR_REWRITES,
     EGRESS_NAT_METHODS,
+    NAME,
+    NAME_RULE,
+    QUEUE_BINDINGS,
     SCHEDULERS,
     Address,
     BackendConfig,
@@ -69,7 +74,7 @@ class Parser:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(_join(key, name), f"must be an integer, got {_kind(value)}")
         if not lo <= value <= hi:
-            raise self.fail(_join(key, name), f"must be between {lo} and {hi}, got {value}")
+            raise self.fail(_join(key, name), f"must be between {lo} and {hi}, got {_show(value)}")
         return value
 
     def flag(self, table: dict[str, Any], key: str, name: str, default: bool) -> bool:
@@ -78,12 +83,23 @@ class Parser:
             raise self.fail(_join(key, name), f"must be true or false, got {_kind(value)}")
         return value
 
-    def seconds(self, table: dict[str, Any], key: str, name: str, default: float, lo: float = 0.0) -> float:
+    def seconds(
+        self, table: dict[str, Any], key: str, name: str, default: float, hi: float, zero_ok: bool = False
+    ) -> float:
+        """A duration in (0, hi], or [0, hi] with ``zero_ok``."""
         value = table.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise self.fail(_join(key, name), f"must be a number of seconds, got {_kind(value)}")
-        if value <= lo:
-            raise self.fail(_join(key, name), f"must be greater than {lo:g} seconds, got {value}")
+        full = _join(key, name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(full, f"must be a number of seconds, got {_kind(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self.fail(full, f"must be a number of seconds, got {value}")
+        if zero_ok:
+            if not 0 <= value <= hi:
+                raise self.fail(full, f"must be between 0 and {hi:g} seconds, got {_show(value)}")
+        elif value <= 0:
+            raise self.fail(full, f"must be greater than 0 seconds, got {_show(value)}")
+        if value > hi:
+            raise self.fail(full, f"must be at most {hi:g} seconds, got {_show(value)}")
         return float(value)
 
     def choice(
@@ -91,25 +107,31 @@ class Parser:
     ) -> str:
         value = self.string(table, key, name, default)
         if value not in choices:
-            raise self.fail(_join(key, name), f"must be one of {', '.join(choices)}, got {value!r}")
+            raise self.fail(_join(key, name), f"must be one of {', '.join(choices)}, got {_show(value)}")
         return value
 
     def ipv4(self, value: str, key: str) -> str:
         try:
             return str(ipaddress.IPv4Address(value))
         except ValueError:
-            raise self.fail(key, f"not an IPv4 address: {value!r}") from None
+            raise self.fail(key, f"not an IPv4 address: {_show(value)}") from None
 
     def address(self, table: dict[str, Any], key: str, name: str) -> Address:
         value = self.string(table, key, name)
         full = _join(key, name)
         host, sep, port_text = value.rpartition(":")
         if not sep or not host or not port_text:
-            raise self.fail(full, f"must be IP:port, got {value!r}")
+            raise self.fail(full, f"must be IP:port, got {_show(value)}")
         host = self.ipv4(host, full)
-        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-            raise self.fail(full, f"port must be 1-65535, got {port_text!r}")
-        return Address(host, int(port_text))
+        port = _digits(port_text)
+        if port is None or not 1 <= port <= 65535:
+            raise self.fail(full, f"port must be 1-65535, got {_show(port_text)}")
+        return Address(host, port)
+
+    def name(self, name: str, key: str, what: str) -> None:
+        """Backend and server names make "backend/server" ids and /metrics labels: see ``convey.config.NAME``."""
+        if not NAME.fullmatch(name):
+            raise self.fail(_join(key, _quoted(name)), f"a {what} name must be {NAME_RULE}")
 
     # -- sections -------------------------------------------------------------------------------------------------
 
@@ -119,6 +141,7 @@ class Parser:
         frontends = self.frontends(raw.get("frontends", {}), backends)
         stats = self.stats(raw.get("stats", {}))
         passthrough = self.passthrough(raw.get("passthrough", {}))
+        self.vips_outside_ports(frontends, passthrough)
         dsr = self.dsr(raw.get("dsr", {}), frontends, backends)
         return Config(self.path, frontends, backends, stats, passthrough, dsr)
 
@@ -126,6 +149,7 @@ class Parser:
         section = self.table(value, "backends")
         result: dict[str, BackendConfig] = {}
         for name, body in section.items():
+            self.name(name, "backends", "backend")
             key = f"backends.{name}"
             body = self.table(body, key)
             self.known(
@@ -142,8 +166,10 @@ class Parser:
                 ),
             )
             servers = self.servers(body.get("servers", {}), f"{key}.servers")
-            interval = self.seconds(body, key, "health_check_interval", DEFAULT_HEALTH_INTERVAL)
-            timeout = self.seconds(body, key, "health_check_timeout", min(DEFAULT_HEALTH_TIMEOUT, interval))
+            interval = self.seconds(body, key, "health_check_interval", DEFAULT_HEALTH_INTERVAL, DAY)
+            timeout = self.seconds(
+                body, key, "health_check_timeout", min(DEFAULT_HEALTH_TIMEOUT, interval), DAY
+            )
             scheduler = body.get("scheduler")
             if scheduler is not None:
                 scheduler = self.choice(body, key, "scheduler", SCHEDULERS, "wrr")
@@ -173,6 +199,7 @@ class Parser:
         servers: list[ServerConfig] = []
         seen: dict[Address, str] = {}
         for name, body in section.items():
+            self.name(name, key, "server")
             skey = f"{key}.{name}"
             body = self.table(body, skey)
             self.known(body, skey, ("addr", "weight"))
@@ -184,9 +211,11 @@ class Parser:
             if isinstance(weight, bool) or not isinstance(weight, int):
                 raise self.fail(f"{skey}.weight", f"must be an integer, got {_kind(weight)}")
             if weight < 0:
-                raise self.fail(f"{skey}.weight", f"must not be negative, got {weight} (0 drains the server)")
+                raise self.fail(
+                    f"{skey}.weight", f"must not be negative, got {_show(weight)} (0 drains the server)"
+                )
             if weight > 1_000_000:
-                raise self.fail(f"{skey}.weight", f"must be at most 1000000, got {weight}")
+                raise self.fail(f"{skey}.weight", f"must be at most 1000000, got {_show(weight)}")
             servers.append(ServerConfig(name, addr, weight))
         return tuple(servers)
 
@@ -217,11 +246,11 @@ class Parser:
         port: int | None = None
         if "port" in section:
             raw = section["port"]
-            if isinstance(raw, str) and raw.strip().isdigit():
-                raw = int(raw.strip())
+            if isinstance(raw, str) and _digits(raw.strip()) is not None:
+                raw = _digits(raw.strip())
             if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= 65535:
                 raise self.fail(
-                    "stats.port", f"must be a port number 1-65535 (integer or string), got {raw!r}"
+                    "stats.port", f"must be a port number 1-65535 (integer or string), got {_show(raw)}"
                 )
             port = raw
         address = self.ipv4(self.string(section, "stats", "address", DEFAULT_STATS_ADDRESS), "stats.address")
@@ -241,6 +270,7 @@ class Parser:
                 "port_reuse_delay",
                 "source_addrs",
                 "queue_num",
+                "queue_binding",
                 "idle_timeout",
                 "syn_timeout",
                 "fin_linger",
@@ -259,31 +289,48 @@ class Parser:
                 section, key, "connection_tracker_capacity", 20000, 1, 10**7
             ),
             workers=self.integer(section, key, "workers", 1, 1, 256),
-            stats_update_frequency=self.seconds(section, key, "stats_update_frequency", 5.0),
+            stats_update_frequency=self.seconds(section, key, "stats_update_frequency", 5.0, DAY),
             port_range=port_range,
-            port_reuse_delay=self.seconds(section, key, "port_reuse_delay", 60.0, lo=-1.0),
+            port_reuse_delay=self.seconds(section, key, "port_reuse_delay", 60.0, HOUR, zero_ok=True),
             source_addrs=source_addrs,
             queue_num=self.integer(section, key, "queue_num", 0, 0, 65535),
-            idle_timeout=self.seconds(section, key, "idle_timeout", 300.0),
-            syn_timeout=self.seconds(section, key, "syn_timeout", 10.0),
-            fin_linger=self.seconds(section, key, "fin_linger", 2.0),
+            queue_binding=self.choice(section, key, "queue_binding", QUEUE_BINDINGS, DEFAULT_QUEUE_BINDING),
+            idle_timeout=self.seconds(section, key, "idle_timeout", 300.0, MONTH),
+            syn_timeout=self.seconds(section, key, "syn_timeout", 10.0, DAY),
+            fin_linger=self.seconds(section, key, "fin_linger", 2.0, HOUR),
             offload=self.flag(section, key, "offload", False),
         )
+
+    def vips_outside_ports(self, frontends: Mapping[str, FrontendConfig], pt: PassthroughConfig) -> None:
+        """Passthrough SNATs to ``source_addrs`` with ports from ``port_range``: a VIP on one of those addresses
+        with its port in the range would take servers' replies for client traffic. (Without source_addrs,
+        ``convey.config.validate_for_mode`` checks in passthrough mode.)"""
+        lo, hi = pt.port_range
+        for front in frontends.values():
+            vip = front.listen_addr
+            if vip.host in pt.source_addrs and lo <= vip.port <= hi:
+                raise self.fail(
+                    f"frontends.{front.name}.listen_addr",
+                    f"port {vip.port} lies inside passthrough.port_range {lo}-{hi} and {vip.host} is in "
+                    "passthrough.source_addrs: in passthrough mode the servers' replies to that address and "
+                    "port would be taken for client traffic; move the port or the range, or use another address",
+                )
 
     def port_range(self, value: Any, key: str) -> tuple[int, int]:
         if value is None:
             return DEFAULT_PORT_RANGE
         if isinstance(value, str):
             lo_text, sep, hi_text = value.partition("-")
-            if not sep or not lo_text.strip().isdigit() or not hi_text.strip().isdigit():
-                raise self.fail(key, f'must be "LOW-HIGH" or [LOW, HIGH], got {value!r}')
-            lo, hi = int(lo_text), int(hi_text)
+            low, high = _digits(lo_text.strip()), _digits(hi_text.strip())
+            if not sep or low is None or high is None:
+                raise self.fail(key, f'must be "LOW-HIGH" or [LOW, HIGH], got {_show(value)}')
+            lo, hi = low, high
         elif isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value):
             lo, hi = value
         else:
-            raise self.fail(key, f'must be "LOW-HIGH" or [LOW, HIGH], got {value!r}')
+            raise self.fail(key, f'must be "LOW-HIGH" or [LOW, HIGH], got {_show(value)}')
         if not 1024 <= lo <= hi <= 65535:
-            raise self.fail(key, f"must satisfy 1024 <= LOW <= HIGH <= 65535, got {lo}-{hi}")
+            raise self.fail(key, f"must satisfy 1024 <= LOW <= HIGH <= 65535, got {_show(lo)}-{_show(hi)}")
         return (lo, hi)
 
     def dsr(
@@ -298,6 +345,7 @@ class Parser:
                 "rewrite",
                 "egress_nat",
                 "queue_num",
+                "queue_binding",
                 "idle_timeout",
                 "fwmark_base",
                 "route_table_base",
@@ -322,15 +370,46 @@ class Parser:
             rewrite=rewrite,
             egress_nat=egress,
             queue_num=self.integer(section, key, "queue_num", 0, 0, 65535),
-            idle_timeout=self.seconds(section, key, "idle_timeout", 300.0),
+            queue_binding=self.choice(section, key, "queue_binding", QUEUE_BINDINGS, DEFAULT_QUEUE_BINDING),
+            idle_timeout=self.seconds(section, key, "idle_timeout", 300.0, MONTH),
             fwmark_base=self.integer(section, key, "fwmark_base", 0x100, 1, 0x7FFF0000),
             route_table_base=self.integer(section, key, "route_table_base", 100, 1, 0x7FFF0000),
             offload=self.flag(section, key, "offload", False),
         )
 
 
+HOUR = 3600.0
+DAY = 86400.0
+MONTH = 30 * DAY
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _join(key: str, name: str) -> str:
     return f"{key}.{name}" if key else name
+
+
+def _quoted(name: str) -> str:
+    """``name`` as a TOML key: bare when it can be, else quoted with control characters escaped."""
+    if _BARE_KEY.fullmatch(name):
+        return name
+    text = name.replace("\\", "\\\\").replace('"', '\\"')
+    escaped = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+    return f'"{escaped}"'
+
+
+def _digits(text: str) -> int | None:
+    """``text`` as a number when it is 1-10 ASCII digits (str.isdigit() also takes "²" and other scripts)."""
+    if 0 < len(text) <= 10 and text.isascii() and text.isdigit():
+        return int(text)
+    return None
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """A value for a message: repr for strings, digits for numbers, cut to ``limit`` characters."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
+        return f"a {len(str(abs(value)))}-digit number" if abs(value) < 10**4000 else "a huge number"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _kind(value: Any) -> str:

@@ -16,11 +16,11 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from convey.balancing.pool import Pool
-from convey.config import Config, ConfigError, offloaded, with_offload
+from convey.config import Config, ConfigError, offloaded, validate_for_mode, with_offload
 from convey.errors import StartupError
 from convey.health import HealthChecker
 from convey.modes import Mode
-from convey.reload import ConfigWatcher
+from convey.reload import ConfigWatcher, describe
 from convey.stats import Stats, snapshot
 from convey.web import StatsServer
 
@@ -122,6 +122,19 @@ class Engine:
         asyncio.get_running_loop().create_task(self._apply(config))
 
     async def _apply(self, config: Config) -> None:
+        """Apply a reloaded config; nothing escapes: a rejection or an unexpected error is logged and counted."""
+        try:
+            validate_for_mode(config, self.mode)
+            await self._apply_config(config)
+        except ConfigError as exc:
+            log.error("event=reload_rejected error=%r (running config kept)", str(exc))
+            self._reload_failed(exc)
+        except Exception as exc:
+            log.error("event=reload_error stage=apply error=%r", describe(exc))
+            log.debug("event=reload_error_traceback", exc_info=exc)
+            self._reload_failed(exc)
+
+    async def _apply_config(self, config: Config) -> None:
         if self.force_offload:
             config = with_offload(config, self.mode)
         if offloaded(config, self.mode) != offloaded(self.config, self.mode):
@@ -157,9 +170,13 @@ class Engine:
             for change in changes:
                 log.info("event=reload_applied change=%r", change)
 
-    def _reload_failed(self, exc: ConfigError) -> None:
-        self.stats.reload_failures += 1
-        self.stats.last_reload_error = str(exc)
+    def _reload_failed(self, exc: Exception) -> None:
+        if isinstance(exc, ConfigError):
+            self.stats.reload_failures += 1
+            self.stats.last_reload_error = str(exc)
+        else:
+            self.stats.reload_errors += 1
+            self.stats.last_reload_error = describe(exc)
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
 

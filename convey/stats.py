@@ -46,7 +46,8 @@ class Stats:
     # Extra sections (packet path counters, DSR notes, ...): name -> callable giving a JSON-able dict.
     sections: dict[str, Callable[[], dict[str, Any]]] = field(default_factory=dict)
     reloads: int = 0
-    reload_failures: int = 0
+    reload_failures: int = 0  # files that did not validate (the running config stays)
+    reload_errors: int = 0  # reloads that raised something unexpected (logged as event=reload_error)
     last_reload_error: str | None = None
 
     def frontend(self, name: str) -> Counters:
@@ -110,6 +111,7 @@ def snapshot(
         "total_bytes_rx": stats.total.bytes_rx,
         "reloads": stats.reloads,
         "reload_failures": stats.reload_failures,
+        "reload_errors": stats.reload_errors,
         "last_reload_error": stats.last_reload_error,
         "frontends": {},
         "backends": {},

@@ -45,6 +45,7 @@ class ConveyProcess:
         stats_port: int = STATS_PORT,
         log_level: str = "INFO",
         name: str = "convey",
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         if "[stats]" not in config_text:
             config_text += f'\n[stats]\nport = {stats_port}\naddress = "127.0.0.1"\n'
@@ -56,6 +57,7 @@ class ConveyProcess:
         self.config_path.write_text(config_text)
         self.install_rules = install_rules
         self.log_level = log_level
+        self.extra_env = dict(extra_env or {})
         self.proc: subprocess.Popen[bytes] | None = None
 
     # lifecycle
@@ -74,7 +76,9 @@ class ConveyProcess:
         if self.install_rules and self.mode != "proxy":
             argv.append("--install-rules")
         with self.log_path.open("wb") as log:
-            self.proc = self.bed.lb.popen(argv, stdout=log, stderr=subprocess.STDOUT, env=python_env())
+            self.proc = self.bed.lb.popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=python_env() | self.extra_env
+            )
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while True:

@@ -9,6 +9,11 @@ let the loop run again (measured: /stats timed out and health checks stopped for
 netfilterqueue copies at most 4016 bytes of a packet (``MAX_COPY``). Packets are at most the MTU here (the kernel
 segments GSO packets before queueing them, since the binding does not ask for GSO), and the packet core refuses to
 rewrite a packet whose copy was cut (``too_long``).
+
+Two bindings, chosen by ``[passthrough] queue_binding`` (``[dsr] queue_binding`` for DSR) through ``open_queue``:
+``"netfilterqueue"`` (this module's ``QueueBinding``) and ``"netlink"`` (``nfq_socket.NetlinkQueue``: our own
+nfnetlink_queue socket with GSO-sized packets, 64 KB copies and one ``send`` per batch of verdicts). Both hand the
+callback a packet with the same verdict methods and count the same ``Batch``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import logging
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from convey.errors import StartupError
 
@@ -68,8 +73,32 @@ class Batch:
         self.recv = _batch_done
 
 
+class QueueEdge(Protocol):
+    """What a plane uses of a bound queue, whichever the binding."""
+
+    queue_num: int
+    _nfq: Any  # netfilterqueue's handle (or a stand-in with its ``get_fd()``); ``fileno()`` is the public way
+
+    def start(self) -> None: ...
+
+    def fileno(self) -> int: ...
+
+    def stop(self) -> None: ...
+
+    def counters(self) -> dict[str, int]: ...
+
+
+def open_queue(binding: str, queue_num: int, callback: Callable[[Any], None], batch: Batch) -> QueueEdge:
+    """The queue edge ``binding`` names (``config.QUEUE_BINDINGS``), not started yet."""
+    if binding == "netlink":
+        from convey.dataplane.nfq_socket import NetlinkQueue
+
+        return NetlinkQueue(queue_num, callback, batch)
+    return QueueBinding(queue_num, callback, batch)
+
+
 class QueueBinding:
-    """One bound queue. ``callback(packet)`` must give every packet a verdict, never raise, and count ``batch``
+    """One bound queue through netfilterqueue. ``callback(packet)`` must give every packet a verdict, never raise, and count ``batch``
     down itself (see ``Batch``)."""
 
     def __init__(self, queue_num: int, callback: Callable[[Any], None], batch: Batch) -> None:
@@ -100,8 +129,8 @@ class QueueBinding:
                 )
         except OSError as exc:
             raise StartupError(
-                f"cannot bind NFQUEUE {self.queue_num}: {exc} (needs root / CAP_NET_ADMIN; is another convey "
-                "bound to this queue?)"
+                f"cannot bind NFQUEUE {self.queue_num}: {exc} (needs root / CAP_NET_ADMIN; is another process "
+                f"bound to this queue? `cat {PROC_QUEUES}` shows who holds it)"
             ) from None
         self._nfq = nfq
         self._fd = nfq.get_fd()
@@ -121,6 +150,12 @@ class QueueBinding:
             self.read_errors += 1
             if exc.errno not in (errno.EINTR, errno.EAGAIN):
                 log.warning("event=queue_read_error queue=%d error=%r", self.queue_num, str(exc))
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+    def fileno(self) -> int:
+        return self._fd if self._fd is not None else -1
 
     def stop(self) -> None:
         if self._fd is not None:

@@ -32,7 +32,7 @@ from convey.balancing.pool import Pool, Server
 from convey.config import Address, Config, offloaded
 from convey.dataplane import rules
 from convey.dataplane.flow_accounting import Decider, FlowAccounting
-from convey.dataplane.nfqueue import Batch, QueueBinding, RawSender, queue_counters
+from convey.dataplane.nfqueue import Batch, QueueEdge, RawSender, open_queue, queue_counters
 from convey.errors import ConveyError, StartupError
 from convey.modes import Mode
 
@@ -78,7 +78,7 @@ class PacketPlane(ABC, Generic[D]):
         self.io_errors = 0  # verdict calls (get_payload, set_payload, set_mark, accept, drop) that raised
         self._addr_cache: dict[Address, bytes] = {}
         self._installed = False
-        self._queue: QueueBinding | None = None
+        self._queue: QueueEdge | None = None
         self._raw: RawSender | None = None
         self._task: asyncio.Task[None] | None = None
         self._rules_lock = asyncio.Lock()
@@ -231,7 +231,8 @@ class PacketPlane(ABC, Generic[D]):
         self.stats.sections.update(self._sections())
         self._raw = RawSender()
         batch = Batch()
-        self._queue = QueueBinding(self._queue_num(config), self._callback(decider, batch), batch)
+        binding = config.dsr.queue_binding if self.mode == Mode.DSR else config.passthrough.queue_binding
+        self._queue = open_queue(binding, self._queue_num(config), self._callback(decider, batch), batch)
         self._queue.start()
         self._task = asyncio.get_running_loop().create_task(self._housekeeping(), name="flow-expiry")
         log.info(
@@ -307,5 +308,6 @@ class PacketPlane(ABC, Generic[D]):
             edge["resets_sent"] = self._raw.sent
             edge["resets_failed"] = self._raw.failed
         if self._queue is not None:
-            edge["queue"] = {"num": self._queue.queue_num, **queue_counters(self._queue.queue_num)}
+            num = self._queue.queue_num
+            edge["queue"] = {"num": num, **queue_counters(num), **self._queue.counters()}
         return self._decision_section(edge)

@@ -27,7 +27,7 @@ import struct
 import threading
 from typing import Any
 
-__all__ = ["NF_ACCEPT", "NF_DROP", "VerdictSender", "queue_fd", "verdict_message"]
+__all__ = ["NF_ACCEPT", "NF_DROP", "VerdictSender", "queue_fd", "threaded", "verdict_message"]
 
 log = logging.getLogger("convey.nfqueue")
 
@@ -74,12 +74,15 @@ def verdict_message(
     )  # fmt: skip
 
 
+def threaded() -> bool:
+    """Whether the offload planes use a ``VerdictSender``: yes, unless the environment says
+    ``CONVEY_OFFLOAD_VERDICTS=inline`` (for side-by-side measurements: bench/packet.py --inline-verdicts)."""
+    return os.environ.get("CONVEY_OFFLOAD_VERDICTS", "thread") != "inline"
+
+
 def queue_fd(binding: Any) -> int:
-    """The file descriptor of a bound queue (``nfqueue.QueueBinding``)."""
-    fileno = getattr(binding, "fileno", None)
-    if fileno is not None:
-        return int(fileno())
-    return int(binding._nfq.get_fd())
+    """The file descriptor of a bound queue (``nfqueue.QueueEdge``: either binding)."""
+    return int(binding.fileno())
 
 
 class VerdictSender:

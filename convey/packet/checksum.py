@@ -13,7 +13,15 @@ and the server's stack drops it, as it would have without the balancer.
 
 from __future__ import annotations
 
-__all__ = ["apply", "delta", "internet_checksum", "ip_header_checksum", "ones_sum", "tcp_checksum"]
+__all__ = [
+    "apply",
+    "delta",
+    "internet_checksum",
+    "ip_header_checksum",
+    "ipv4_tcp_checksum",
+    "ones_sum",
+    "tcp_checksum",
+]
 
 _PROTO_TCP = b"\x00\x06"
 
@@ -96,3 +104,23 @@ def tcp_checksum(
         raise ValueError("tcp_segment is shorter than a TCP checksum field")
     pseudo = addrs + _PROTO_TCP + len(segment).to_bytes(2, "big")
     return internet_checksum(pseudo + segment[:16] + b"\x00\x00" + segment[18:])
+
+
+def ipv4_tcp_checksum(packet: bytes | bytearray) -> int:
+    """The TCP checksum a whole IPv4 + TCP ``packet`` should carry, from scratch; whatever its checksum field
+    holds (a partial sum, garbage) is ignored. For a packet whose checksum the kernel had not completed
+    (NFQUEUE's ``NFQA_SKB_CSUMNOTREADY``: the field holds the pseudo-header sum only), where an incremental update
+    is wrong. The caller makes sure it is unfragmented TCP whose total length is ``len(packet)``.
+
+    Sums the segment as one big integer (``2**16 == 1 (mod 0xFFFF)``, see ``ones_sum``), takes the field's word
+    back out and adds the pseudo-header; no copy of the segment. ``(-sum) % 0xFFFF`` is the complement, with
+    the one's complement -0 (all words cancel) giving 0x0000, as a full recompute does.
+    """
+    ihl = (packet[0] & 0x0F) << 2
+    length = len(packet) - ihl
+    segment = int.from_bytes(memoryview(packet)[ihl:], "big")
+    if length & 1:
+        segment <<= 8  # pad the odd last byte to a word
+    field = packet[ihl + 16] << 8 | packet[ihl + 17]
+    pseudo = int.from_bytes(packet[12:20], "big") + 6 + length
+    return (field - segment - pseudo) % 0xFFFF

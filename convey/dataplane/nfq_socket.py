@@ -1,0 +1,363 @@
+"""convey's own NFQUEUE binding (``queue_binding = "netlink"``): nfnetlink_queue over an AF_NETLINK socket.
+
+Against netfilterqueue (nfqueue.py) it asks the kernel for whole GSO packets (``NFQA_CFG_F_GSO``, a copy range of
+64 KB), so a bulk transfer costs one verdict per super-packet (up to ~64 KB) instead of one per MTU-sized segment,
+and frames larger than 4016 bytes (jumbo MTUs) are no longer cut; and it sends all verdicts of a batch in one
+``send``. The socket is read from the asyncio loop (``add_reader``), at most ``Batch.size`` packets per readable
+event, like the netfilterqueue edge; the planes' callbacks get a ``NetlinkPacket`` with netfilterqueue's verdict
+methods (``get_payload``, ``set_payload``, ``set_mark``, ``accept``, ``drop``), so they do not know which binding
+runs.
+
+Checksums: with GSO on, the kernel hands over packets whose TCP checksum it has not completed
+(``NFQA_SKB_CSUMNOTREADY``, CHECKSUM_PARTIAL: the field holds the pseudo-header sum only), and after a payload
+verdict it treats the packet as having no checksum offload at all (``nfqnl_mangle`` sets CHECKSUM_NONE). So when
+such a packet is accepted with a new payload, ``accept`` writes a full TCP checksum into the bytes it sends
+(``checksum.ipv4_tcp_checksum``); the packet core's incremental update (fastpath.py) is right for every other
+packet and is left alone. Packets accepted unchanged keep the kernel's offload.
+
+``CONVEY_QUEUE_GSO=0`` (environment) binds without ``NFQA_CFG_F_GSO``: the kernel segments GSO packets and completes
+checksums before queueing (bench/queue_binding.py measures both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from convey.dataplane import nfq_netlink as nl
+from convey.errors import StartupError
+from convey.packet.checksum import ipv4_tcp_checksum
+
+__all__ = ["NetlinkPacket", "NetlinkQueue"]
+
+log = logging.getLogger("convey.nfqueue")
+
+NETLINK_NETFILTER = 12
+SOL_NETLINK = 270
+NETLINK_NO_ENOBUFS = 5
+SO_RCVBUFFORCE = 33
+SO_SNDBUFFORCE = 32
+COPY_RANGE = nl.NFQNL_MAX_COPY_RANGE  # 65531: the most the kernel copies of a packet
+RECV_BUF = 128 * 1024  # one packet message: its payload (at most COPY_RANGE) plus the attributes
+SOCK_RCVBUF = 32 * 1024 * 1024  # up to ~500 GSO packets waiting for us
+SOCK_SNDBUF = 8 * 1024 * 1024  # a send may not exceed this (netlink_sendmsg)
+FLUSH_AT = 1024 * 1024  # send the verdicts gathered so far once they reach this many bytes
+CONFIG_TIMEOUT = 5.0
+QUEUE_MAXLEN = 8192  # as the netfilterqueue binding
+PROC_QUEUES = "/proc/net/netfilter/nfnetlink_queue"
+
+_U16 = struct.Struct("!H")
+_U32 = nl.BE32
+
+
+class NetlinkPacket:
+    """The packet a plane's callback gets: netfilterqueue's verdict methods over the binding's verdict buffer.
+
+    One object per binding, refilled for every packet (the callbacks give their verdict before they return)."""
+
+    __slots__ = ("_mark", "_new", "_out", "_prefix", "_queue", "done", "id", "payload", "skb_info")
+
+    def __init__(self, queue: NetlinkQueue) -> None:
+        self._queue = queue
+        self._out = queue.out
+        self._prefix = queue.prefixes
+        self.id = 0
+        self.payload = b""
+        self.skb_info = 0
+        self._mark: int | None = None
+        self._new: bytes | bytearray | None = None
+        self.done = True
+
+    def get_payload(self) -> bytes:
+        return self.payload
+
+    def set_payload(self, payload: bytes | bytearray) -> None:
+        self._new = payload
+
+    def set_mark(self, mark: int) -> None:
+        self._mark = mark
+
+    def accept(self) -> None:
+        self._verdict(nl.NF_ACCEPT)
+
+    def drop(self) -> None:
+        self._verdict(nl.NF_DROP)
+
+    def _verdict(self, verdict: int) -> None:
+        if self.done:
+            raise RuntimeError("this packet already has a verdict")
+        self.done = True
+        out = self._out
+        new, mark = self._new, self._mark
+        if new is None or verdict == nl.NF_DROP:
+            if mark is None:
+                out += self._prefix[verdict]
+                out += _U32.pack(self.id)
+            else:
+                out += nl.verdict_head(self._queue.queue_num, self.id, verdict, mark, None)
+        else:
+            size = len(new)
+            out += nl.verdict_head(self._queue.queue_num, self.id, verdict, mark, size)
+            at = len(out)
+            out += new
+            info = self.skb_info
+            if (
+                info & nl.NFQA_SKB_CSUMNOTREADY
+                and size >= 40
+                and new[9] == 6
+                and not info & self._queue.skip_csum
+            ):
+                # The kernel's checksum was partial and a new payload loses the offload: a full one.
+                thl = (new[0] & 0x0F) << 2
+                if size >= thl + 20 and not _U16.unpack_from(new, 6)[0] & 0x3FFF:
+                    _U16.pack_into(out, at + thl + 16, ipv4_tcp_checksum(new))
+                    self._queue.full_checksums += 1
+            if size & 3:
+                out += nl.padding(size)
+        if len(out) >= FLUSH_AT:
+            self._queue.flush()
+
+
+class NetlinkQueue:
+    """One bound queue over our own netlink socket; the interface of ``nfqueue.QueueBinding``."""
+
+    def __init__(
+        self, queue_num: int, callback: Callable[[Any], None], batch: Any, gso: bool | None = None
+    ) -> None:
+        self.queue_num = queue_num
+        self.callback = callback
+        self.batch = batch
+        self.gso = os.environ.get("CONVEY_QUEUE_GSO", "1") != "0" if gso is None else gso
+        # Experimental (CONVEY_QUEUE_GSO_CSUM=kernel): no full checksum for GSO packets, whose segmentation on
+        # the way out sets the checksums up again (tcp4_gso_segment on a CHECKSUM_NONE skb).
+        self.skip_csum = nl.NFQA_SKB_GSO if os.environ.get("CONVEY_QUEUE_GSO_CSUM") == "kernel" else 0
+        self.out = bytearray()
+        self.prefixes = {
+            v: nl.verdict_head(queue_num, 0, v, None, None)[:-4] for v in (nl.NF_ACCEPT, nl.NF_DROP)
+        }
+        self.read_errors = 0
+        self.verdict_errors = 0  # verdicts the kernel refused (an NLMSG_ERROR came back)
+        self.send_errors = 0
+        self.no_verdict = 0  # packets a callback returned from without a verdict (dropped here)
+        self.full_checksums = 0
+        self.gso_packets = 0
+        self.cut_packets = 0  # longer than the copy range (NFQA_CAP_LEN)
+        self._sock: socket.socket | None = None
+        self._nfq: _FdHandle | None = None  # what the netfilterqueue binding's ``_nfq`` offers: ``get_fd()``
+        self._buf = bytearray(RECV_BUF)
+        self._view = memoryview(self._buf)
+        self._pkt = NetlinkPacket(self)
+        self._seq = 0
+
+    # -- binding ----------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        try:
+            sock.bind((0, 0))
+            for force, plain, size in ((SO_RCVBUFFORCE, socket.SO_RCVBUF, SOCK_RCVBUF),
+                                       (SO_SNDBUFFORCE, socket.SO_SNDBUF, SOCK_SNDBUF)):  # fmt: skip
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, force, size)
+                except OSError:  # no CAP_NET_ADMIN: whatever net.core.[rw]mem_max allows
+                    sock.setsockopt(socket.SOL_SOCKET, plain, size)
+            with contextlib.suppress(
+                OSError
+            ):  # a full buffer drops packets (counted by the kernel), no error
+                sock.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 1)
+            sock.settimeout(CONFIG_TIMEOUT)
+            self._sock = sock
+            self._configure()
+            sock.setblocking(False)
+        except BaseException:
+            self._sock = None
+            sock.close()
+            raise
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._drain)
+        self._nfq = _FdHandle(sock.fileno())
+        log.info(
+            "event=queue_bound queue=%d binding=netlink copy_range=%d gso=%s maxlen=%d",
+            self.queue_num, COPY_RANGE, int(self.gso), QUEUE_MAXLEN,
+        )  # fmt: skip
+
+    def _configure(self) -> None:
+        flags = nl.NFQA_CFG_F_GSO if self.gso else 0
+        bind_seq, params_seq = self._seq + 1, self._seq + 2
+        self._seq += 2
+        self._request(nl.config_bind(self.queue_num, bind_seq), bind_seq, "bind")
+        params = nl.config_params(
+            self.queue_num, COPY_RANGE, QUEUE_MAXLEN, flags, nl.NFQA_CFG_F_GSO, params_seq
+        )
+        self._request(params, params_seq, "configure")
+
+    def _request(self, message: bytes, seq: int, what: str) -> None:
+        """Send a config message and wait for its ack; packets that arrive meanwhile are dropped (the queue is
+        not ready for them: before the copy mode is set they come without payload)."""
+        sock = self._sock
+        assert sock is not None
+        sock.send(message)
+        while True:
+            try:
+                size = sock.recv_into(self._buf)
+            except TimeoutError:
+                raise StartupError(f"NFQUEUE {self.queue_num}: the kernel did not answer ({what})") from None
+            for at, end, kind in nl.iter_messages(self._buf, size):
+                if kind == nl.PACKET_TYPE:
+                    found = nl.decode_packet(self._buf, at, end)
+                    sock.send(self.prefixes[nl.NF_DROP] + _U32.pack(found.packet_id))
+                elif kind == nl.NLMSG_ERROR:
+                    error, answered = nl.decode_error(self._buf, at)
+                    if answered != seq:
+                        continue
+                    if error:
+                        raise self._bind_error(error, what)
+                    return
+
+    def _bind_error(self, error: int, what: str) -> StartupError:
+        text = os.strerror(error)
+        holder = queue_holder(self.queue_num)
+        if (
+            error in (errno.EBUSY, errno.EPERM) and holder is not None
+        ):  # the kernel says EPERM for "not yours"
+            return StartupError(
+                f"cannot bind NFQUEUE {self.queue_num}: another process holds it (netlink port id {holder}, "
+                f"usually its pid); `cat {PROC_QUEUES}` shows who holds which queue (second column: the port id)"
+            )
+        if error == errno.EPERM:
+            return StartupError(f"cannot bind NFQUEUE {self.queue_num}: {text} (needs root / CAP_NET_ADMIN)")
+        return StartupError(f"NFQUEUE {self.queue_num}: {what} failed: {text}")
+
+    # -- packets ----------------------------------------------------------------------------------------------
+
+    def _drain(self) -> None:  # ~45 lines: the per-packet loop, kept in one frame on purpose
+        sock = self._sock
+        if sock is None:
+            return
+        recv_into = sock.recv_into
+        buf, view, pkt, callback, batch = self._buf, self._view, self._pkt, self.callback, self.batch
+        unpack_head = nl.NLMSG_HDR.unpack_from
+        decode = nl.decode_packet
+        packet_type = nl.PACKET_TYPE
+        batch.begin()
+        try:
+            for _ in range(batch.size):
+                try:
+                    size = recv_into(buf)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:  # ENOBUFS without NETLINK_NO_ENOBUFS: packets were lost, go on
+                    self.read_errors += 1
+                    if exc.errno != errno.ENOBUFS:
+                        log.warning("event=queue_read_error queue=%d error=%r", self.queue_num, str(exc))
+                        break
+                    continue
+                length, kind = unpack_head(buf, 0)[:2]
+                if kind != packet_type or length != size:
+                    self._other(size)
+                    continue
+                found = decode(buf, 0, size)
+                at = found.payload_at
+                pkt.id = found.packet_id
+                pkt.payload = view[at : at + found.payload_len].tobytes()
+                info = pkt.skb_info = found.skb_info
+                pkt._mark = pkt._new = None
+                pkt.done = False
+                if info & nl.NFQA_SKB_GSO:
+                    self.gso_packets += 1
+                if found.cap_len:
+                    self.cut_packets += 1
+                callback(pkt)
+                if not pkt.done:
+                    self.no_verdict += 1
+                    pkt.drop()
+                if batch.left <= 0:
+                    break
+        finally:
+            self.flush()
+
+    def _other(self, size: int) -> None:
+        """Anything but a single packet message: errors for refused verdicts, or several messages at once."""
+        for at, end, kind in nl.iter_messages(self._buf, size):
+            if kind == nl.NLMSG_ERROR:
+                error, _ = nl.decode_error(self._buf, at)
+                if error:
+                    self.verdict_errors += 1
+                    if self.verdict_errors <= 10 or self.verdict_errors % 1000 == 0:
+                        log.warning("event=verdict_refused queue=%d error=%r count=%d", self.queue_num,
+                                    os.strerror(error), self.verdict_errors)  # fmt: skip
+            elif kind == nl.PACKET_TYPE:  # not expected (the kernel sends one per datagram): drop it
+                found = nl.decode_packet(self._buf, at, end)
+                self.out += self.prefixes[nl.NF_DROP] + _U32.pack(found.packet_id)
+                self.no_verdict += 1
+
+    def flush(self) -> None:
+        """Send the verdicts gathered so far, in one ``send``."""
+        out = self.out
+        if not out or self._sock is None:
+            return
+        try:
+            self._sock.send(out)
+        except OSError as exc:  # the packets stay queued until the queue goes; say so loudly
+            self.send_errors += 1
+            log.error(
+                "event=verdict_send_failed queue=%d bytes=%d error=%r", self.queue_num, len(out), str(exc)
+            )
+        out.clear()
+
+    def fileno(self) -> int:
+        """The netlink socket (verdict messages may be sent on it directly)."""
+        return self._sock.fileno() if self._sock is not None else -1
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "verdict_errors": self.verdict_errors,
+            "verdict_send_errors": self.send_errors,
+            "no_verdict": self.no_verdict,
+            "gso_packets": self.gso_packets,
+            "full_checksums": self.full_checksums,
+            "cut_packets": self.cut_packets,
+        }
+
+    def stop(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        with contextlib.suppress(RuntimeError, ValueError):  # the loop is already closed
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+        self.flush()
+        with contextlib.suppress(OSError):
+            self._seq += 1
+            sock.send(nl.config_unbind(self.queue_num, self._seq))
+        self._sock = self._nfq = None
+        sock.close()  # the kernel also unbinds a queue whose socket goes
+        log.info("event=queue_unbound queue=%d binding=netlink", self.queue_num)
+
+
+def queue_holder(queue_num: int, path: str = PROC_QUEUES) -> int | None:
+    """The netlink port id bound to ``queue_num`` (/proc/net/netfilter/nfnetlink_queue), None when unbound."""
+    try:
+        with open(path) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 3 and fields[0] == str(queue_num):
+                    return int(fields[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class _FdHandle:
+    """Stands in for netfilterqueue's handle where a plane asks the binding for its socket (``_nfq.get_fd()``)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def get_fd(self) -> int:
+        return self._fd
