@@ -38,7 +38,14 @@ from convey.dataplane.dsr_plane import DsrPlane
 from convey.dataplane.nfqueue import Batch
 from convey.dataplane.offload_accounting import OffloadAccounting
 from convey.dataplane.rules.offload import OffloadPlan, offload_plan
-from convey.dataplane.verdict_sender import NF_ACCEPT, NF_DROP, VerdictSender, queue_fd, verdict_message
+from convey.dataplane.verdict_sender import (
+    NF_ACCEPT,
+    NF_DROP,
+    VerdictSender,
+    queue_fd,
+    threaded,
+    verdict_message,
+)
 from convey.errors import StartupError
 from convey.modes import Mode, Rewrite
 from convey.packet.dsr import Dsr
@@ -94,7 +101,8 @@ class DsrOffloadPlane(DsrPlane):
         except conntrack.ConntrackError as exc:
             raise StartupError(f"conntrack events: {exc}") from None
         assert self._queue is not None
-        self._verdicts = VerdictSender(queue_fd(self._queue))
+        if threaded():
+            self._verdicts = VerdictSender(queue_fd(self._queue))
 
     async def stop(self, timeout: float) -> None:
         if self._verdicts is not None:

@@ -36,7 +36,14 @@ from convey.dataplane.offload_accounting import OffloadAccounting
 from convey.dataplane.plane import PacketPlane
 from convey.dataplane.rules.offload import OffloadPlan, offload_plan
 from convey.dataplane.rules.offload_kernel import require_kernel
-from convey.dataplane.verdict_sender import NF_ACCEPT, NF_DROP, VerdictSender, queue_fd, verdict_message
+from convey.dataplane.verdict_sender import (
+    NF_ACCEPT,
+    NF_DROP,
+    VerdictSender,
+    queue_fd,
+    threaded,
+    verdict_message,
+)
 from convey.modes import Mode
 from convey.packet.offload import OffloadDecision
 
@@ -67,7 +74,8 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
     async def _start(self, config: Config) -> None:
         await super()._start(config)
         assert self._queue is not None
-        self._verdicts = VerdictSender(queue_fd(self._queue))
+        if threaded():
+            self._verdicts = VerdictSender(queue_fd(self._queue))
 
     async def stop(self, timeout: float) -> None:
         if self._verdicts is not None:
