@@ -42,6 +42,12 @@ class _Collector:
         up.add_metric([str(doc.get("mode", ""))], 1)
         yield up
         yield GaugeMetricFamily("convey_uptime_seconds", "Seconds since start", value=doc["uptime_seconds"])
+        for key, help_ in (
+            ("reloads", "Config reloads applied"),
+            ("reload_failures", "Reloads refused: the new file did not validate (the running config stays)"),
+            ("reload_errors", "Reloads that failed unexpectedly (logged as event=reload_error)"),
+        ):
+            yield CounterMetricFamily(f"convey_{key}", help_, value=doc.get(key, 0))
         for scope, label in (("frontends", "frontend"), ("backends", "backend")):
             cur = GaugeMetricFamily(f"convey_{label}_current_connections", "Open connections", labels=[label])
             fams = {

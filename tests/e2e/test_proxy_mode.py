@@ -109,6 +109,8 @@ def test_weights_reload_health_stats_end_to_end(
     metrics = stats(sport, "/metrics")
     assert f'convey_server_up{{addr="{a.addr}",backend="pool",server="a"}} 1.0' in metrics
     assert 'convey_frontend_total_connections_total{frontend="web"}' in metrics
+    for key in ("reloads", "reload_failures", "reload_errors"):
+        assert f"convey_{key}_total {float(doc[key])}" in metrics
     page = stats(sport, "/")
     assert "convey (proxy mode)" in page and a.addr in page
 
