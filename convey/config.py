@@ -28,6 +28,10 @@ DEFAULT_RISE = 2
 DEFAULT_FALL = 3
 DEFAULT_STATS_ADDRESS = "127.0.0.1"
 DEFAULT_PORT_RANGE = (33768, 61000)
+# Proxy mode (docs/modes.md): seconds to connect to a server; seconds with no byte either way before a connection is
+# closed (0: never), as passthrough's flow idle_timeout.
+DEFAULT_CONNECT_TIMEOUT = 3.0
+DEFAULT_PROXY_IDLE_TIMEOUT = 300.0
 # Backend and server names: they make "backend/server" ids (marks, flows), /metrics labels and log fields, so a
 # name is 1-64 of these characters (every TOML bare key qualifies; "/" and spaces do not).
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -82,6 +86,7 @@ class BackendConfig:
     # None means "the mode's default": wrr for proxy and passthrough, maglev for DSR.
     scheduler: str | None = None
     maglev_table_size: int = 65537
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT  # proxy mode: per connect attempt to a server
 
     def scheduler_for(self, mode: str) -> str:
         if self.scheduler is not None:
@@ -94,6 +99,10 @@ class FrontendConfig:
     name: str
     listen_addr: Address
     backend: str
+    # Proxy mode only: see docs/modes.md.
+    idle_timeout: float = DEFAULT_PROXY_IDLE_TIMEOUT  # no byte either way for this long: closed; 0: never
+    max_connections: int = 0  # open client connections beyond which new ones are refused; 0: no limit
+    tcp_keepalive: bool = False  # SO_KEEPALIVE on both sockets of each connection
 
 
 @dataclass(frozen=True, slots=True)

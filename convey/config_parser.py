@@ -12,10 +12,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from convey.config import (
+    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_FALL,
     DEFAULT_HEALTH_INTERVAL,
     DEFAULT_HEALTH_TIMEOUT,
     DEFAULT_PORT_RANGE,
+    DEFAULT_PROXY_IDLE_TIMEOUT,
     DEFAULT_QUEUE_BINDING,
     DEFAULT_RISE,
     DEFAULT_STATS_ADDRESS,
@@ -163,6 +165,7 @@ class Parser:
                     "fall",
                     "scheduler",
                     "maglev_table_size",
+                    "connect_timeout",
                 ),
             )
             servers = self.servers(body.get("servers", {}), f"{key}.servers")
@@ -191,6 +194,7 @@ class Parser:
                 fall=self.integer(body, key, "fall", DEFAULT_FALL, 1, 1000),
                 scheduler=scheduler,
                 maglev_table_size=table_size,
+                connect_timeout=self.seconds(body, key, "connect_timeout", DEFAULT_CONNECT_TIMEOUT, HOUR),
             )
         return result
 
@@ -226,7 +230,9 @@ class Parser:
         for name, body in section.items():
             key = f"frontends.{name}"
             body = self.table(body, key)
-            self.known(body, key, ("listen_addr", "backend"))
+            self.known(
+                body, key, ("listen_addr", "backend", "idle_timeout", "max_connections", "tcp_keepalive")
+            )
             listen = self.address(body, key, "listen_addr")
             if listen in seen:
                 raise self.fail(
@@ -237,7 +243,16 @@ class Parser:
             if backend not in backends:
                 known = ", ".join(sorted(backends)) or "none defined"
                 raise self.fail(f"{key}.backend", f"unknown backend {backend!r} (backends: {known})")
-            result[name] = FrontendConfig(name, listen, backend)
+            result[name] = FrontendConfig(
+                name,
+                listen,
+                backend,
+                idle_timeout=self.seconds(
+                    body, key, "idle_timeout", DEFAULT_PROXY_IDLE_TIMEOUT, MONTH, zero_ok=True
+                ),
+                max_connections=self.integer(body, key, "max_connections", 0, 0, 10**7),
+                tcp_keepalive=self.flag(body, key, "tcp_keepalive", False),
+            )
         return result
 
     def stats(self, value: Any) -> StatsConfig:

@@ -20,6 +20,7 @@ from convey.config import Config, ConfigError, offloaded, validate_for_mode, wit
 from convey.errors import StartupError
 from convey.health import HealthChecker
 from convey.modes import Mode
+from convey.proxy.resources import raise_nofile_limit
 from convey.reload import ConfigWatcher, describe
 from convey.stats import Stats, snapshot
 from convey.web import StatsServer
@@ -86,7 +87,7 @@ class Engine:
         self.stats = Stats(mode=self.mode, started=time.time())
         self.pools: dict[str, Pool] = {name: Pool(b, self.mode) for name, b in config.backends.items()}
         self.plane = build_plane(self.mode, self.pools, self.stats, options, offloaded(config, self.mode))
-        self.health = HealthChecker(self.pools)
+        self.health = HealthChecker(self.pools, stats=self.stats)
         self.watcher: ConfigWatcher | None = None
         self.web: StatsServer | None = None
         self._stop = asyncio.Event()
@@ -185,6 +186,7 @@ class Engine:
 
     async def run(self, drain_timeout: float = 5.0) -> None:
         self._loop = asyncio.get_running_loop()
+        raise_nofile_limit()  # all modes; a proxied connection holds 2 descriptors, the usual soft limit is 1024
         await self.plane.start(self.config)
         try:
             self.health.sync()

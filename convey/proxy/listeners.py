@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 from convey.balancing.pool import Pool
-from convey.config import Config
+from convey.config import Config, FrontendConfig
 from convey.proxy.frontend import ProxyFrontend
 from convey.stats import Stats
 
@@ -15,12 +16,13 @@ log = logging.getLogger("convey.proxy")
 
 
 class ProxyPlane:
-    def __init__(self, pools: Mapping[str, Pool], stats: Stats, connect_timeout: float = 3.0) -> None:
+    def __init__(self, pools: Mapping[str, Pool], stats: Stats, connect_timeout: float | None = None) -> None:
         self.pools = pools
         self.stats = stats
-        self.connect_timeout = connect_timeout
+        self.connect_timeout = connect_timeout  # None: each backend's connect_timeout
         self.frontends: dict[str, ProxyFrontend] = {}
         self._closing: list[ProxyFrontend] = []
+        stats.sections["proxy"] = self.section
 
     async def start(self, config: Config) -> None:
         for front in config.frontends.values():
@@ -42,7 +44,7 @@ class ProxyPlane:
                 del self.frontends[name]
                 changes.append(f"frontend {name} stopped listening on {listener.config.listen_addr}")
             elif new != listener.config:
-                changes.append(f"frontend {name} backend {listener.config.backend} -> {new.backend}")
+                changes += [f"frontend {name} {change}" for change in _describe(listener.config, new)]
                 listener.config = new
         for name, front in config.frontends.items():
             if name in self.frontends:
@@ -68,3 +70,16 @@ class ProxyPlane:
 
     def sections(self) -> dict[str, Any]:
         return {}
+
+    def section(self) -> dict[str, Any]:
+        """/stats ``proxy``: per frontend, its limits and what they did (see ProxyFrontend.section)."""
+        return {"frontends": {name: listener.section() for name, listener in self.frontends.items()}}
+
+
+def _describe(old: FrontendConfig, new: FrontendConfig) -> list[str]:
+    """What changed between two configs of one frontend (same listen address), one line per field."""
+    return [
+        f"{f.name} {getattr(old, f.name)} -> {getattr(new, f.name)}"
+        for f in dataclasses.fields(new)
+        if getattr(old, f.name) != getattr(new, f.name)
+    ]

@@ -15,12 +15,17 @@ Per connection:
   the client is reset (RST: SO_LINGER 0 then abort, so it learns at once that nobody will answer, and no TIME_WAIT is
   left here). Each candidate gets ``connect_timeout`` seconds; a failure counts ``failed`` on that server's scope and
   the next one is tried. When all fail, ``failed`` is counted on (total, frontend, backend) and the client is reset.
+  A local resource error (no descriptor, buffer or local port: :mod:`convey.proxy.resources`) is not the
+  server's failure: the frontend pauses accepting and the attempt is repeated every ``LOCAL_RETRY`` seconds
+  for up to ``connect_timeout``; then the client is reset and counted as ``refused``.
 * connected: ``pool.acquire(server)``, ``opened`` on the server's scope, then relay. Half-close is passed on: an EOF
   from one side becomes ``write_eof()`` towards the other, which may keep sending; both transports are closed once
   both directions have ended, or as soon as either side's connection is lost (the other side still gets what was
   already buffered for it: ``close()`` flushes).
 * flow control: when one transport's write buffer passes its high-water mark the other side stops reading until it
   drains, so a slow peer never makes the proxy buffer more than about one high-water mark per direction.
+* idle: each protocol stores ``_idle = 0`` per chunk received (and per drain, EOF); the frontend's sweep closes
+  connections quiet for ``idle_timeout`` (see :mod:`convey.proxy.frontend`).
 * exactly once, when both transports are gone: ``closed`` on every scope opened and ``pool.release(server)``.
 
 TCP_NODELAY: both asyncio's selector loop and uvloop set it on every TCP transport they create, accepted and
@@ -30,13 +35,13 @@ connected ones alike (tests check it), so it is not set again here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
-import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from convey.balancing.pool import Pool, Server
+from convey.proxy.resources import LINGER_RST as _LINGER_RST  # noqa: F401 (tests use relay._LINGER_RST)
+from convey.proxy.resources import is_local_error, set_keepalive
+from convey.proxy.resources import reset_transport as _reset
 from convey.stats import Counters, failed, opened, refused
 
 if TYPE_CHECKING:
@@ -50,24 +55,12 @@ __all__ = ["Client"]
 # rounds are a measurable part of a short connection's cost).
 _HASH_FREE_SCHEDULERS = frozenset({"wrr", "least_conn"})
 
-# struct linger {int l_onoff; int l_linger;} = {1, 0}: close() sends RST.
-_LINGER_RST = struct.pack("ii", 1, 0)
-
 # Write buffer limits of both transports of a connection (bytes). The high mark bounds what the proxy holds per
 # direction for a slow reader; larger marks mean fewer pause/resume round trips on bulk transfers.
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
 # Bytes one side may send before its connection is linked to the other (uvloop reads at once) before reading pauses.
 EARLY_LIMIT = 64 * 1024
-
-
-def _reset(transport: asyncio.Transport) -> None:
-    """Close a client connection with RST (SO_LINGER 0), dropping anything unsent."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
-    transport.abort()
 
 
 def _hold_early(pending: list[bytes] | None, data: bytes, transport: asyncio.Transport) -> list[bytes]:
@@ -90,6 +83,7 @@ class Client(asyncio.Protocol):
         "_eof",
         "_fe",
         "_full",
+        "_idle",
         "_lost",
         "_peer",
         "_pending",
@@ -118,6 +112,7 @@ class Client(asyncio.Protocol):
         self._full = False  # the client transport's write buffer is above its high-water mark
         self._lost = False  # the client transport is gone
         self._done = False  # accounting done
+        self._idle = 0  # idle sweeps since the last byte either way (ProxyFrontend._sweep)
 
     # The loops give a TCP transport (uvloop's is no asyncio.Transport subclass but has the same methods).
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -154,13 +149,17 @@ class Client(asyncio.Protocol):
         assert fe._loop is not None
         self._task = fe._loop.create_task(self._connect(candidates, config.backend))
 
-    async def _connect(self, candidates: list[Server], backend: str) -> None:
+    async def _connect(self, candidates: list[Server], backend: str) -> None:  # one loop over the attempts
         fe = self._fe
         loop = fe._loop
-        assert loop is not None
-        timeout = fe.connect_timeout
+        assert loop is not None and self._pool is not None
+        timeout = fe.connect_timeout or self._pool.config.connect_timeout
         error: BaseException
-        for server in candidates:
+        local_deadline = 0.0  # while this host is out of descriptors: retry the same server until then
+        i = 0
+        while i < len(candidates):
+            server = candidates[i]
+            i += 1
             up = _Upstream(self)
             addr = server.addr
             # A plain timer rather than asyncio.timeout(): measurably cheaper per connection.
@@ -178,6 +177,17 @@ class Client(asyncio.Protocol):
                     return
                 error = TimeoutError(f"no connection after {timeout:g}s")
             except Exception as exc:  # OSError, or anything odd from the loop: try the next one
+                if is_local_error(exc):  # this host ran out of something: not the server's fault
+                    timer.cancel()
+                    local_deadline = local_deadline or loop.time() + timeout
+                    if await fe.local_error(cast(OSError, exc), server.name, local_deadline):
+                        i -= 1  # waited a little (accepting paused meanwhile): the same server again
+                        continue
+                    self._task = None
+                    refused(self._scopes)
+                    if not self._lost:
+                        _reset(self.transport)
+                    return
                 error = exc
             else:
                 timer.cancel()
@@ -231,6 +241,10 @@ class Client(asyncio.Protocol):
                 client.get_extra_info("peername"),
             )
         client.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        if self._fe.config.tcp_keepalive:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                set_keepalive(sock)
         # server -> client first: the server may already have answered, or even gone away (uvloop reads at once).
         up._peer = client
         if up._pending is not None:
@@ -267,6 +281,7 @@ class Client(asyncio.Protocol):
     # -- client -> server -----------------------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        self._idle = 0
         peer = self._peer
         if peer is None:
             # Before the link (uvloop only: asyncio's loop honours the pause in connection_made).
@@ -279,6 +294,7 @@ class Client(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof = True
+        self._idle = 0
         peer = self._peer
         if peer is not None:
             if self._up is not None and self._up._eof:
@@ -302,6 +318,7 @@ class Client(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._full = False
+        self._idle = 0  # the client read what was buffered for it: not idle
         up = self._up
         if up is not None and not up._lost and not up._eof:
             up.transport.resume_reading()
@@ -350,7 +367,18 @@ class Client(asyncio.Protocol):
 class _Upstream(asyncio.Protocol):
     """The server side of one proxied connection."""
 
-    __slots__ = ("_client", "_eof", "_full", "_linked", "_lost", "_peer", "_pending", "_scopes", "transport")
+    __slots__ = (
+        "_client",
+        "_eof",
+        "_full",
+        "_idle",
+        "_linked",
+        "_lost",
+        "_peer",
+        "_pending",
+        "_scopes",
+        "transport",
+    )
 
     transport: asyncio.Transport
 
@@ -363,6 +391,7 @@ class _Upstream(asyncio.Protocol):
         self._full = False  # the server transport's write buffer is above its high-water mark
         self._lost = False
         self._linked = False  # the connect attempt succeeded and the client is relayed to this server
+        self._idle = 0  # idle sweeps since the server's last byte (or drain)
 
     def __call__(self) -> _Upstream:
         # The protocol factory for create_connection: this very instance, already tied to its client.
@@ -373,6 +402,7 @@ class _Upstream(asyncio.Protocol):
         transport.pause_reading()  # until linked (see Client.connection_made about uvloop)
 
     def data_received(self, data: bytes) -> None:
+        self._idle = 0
         peer = self._peer
         if peer is None:  # before the link, as in Client.data_received
             self._pending = _hold_early(self._pending, data, self.transport)
@@ -384,6 +414,7 @@ class _Upstream(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self._eof = True
+        self._idle = 0
         peer = self._peer
         if peer is not None and not self._client._lost:
             if self._client._eof:
@@ -400,6 +431,7 @@ class _Upstream(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._full = False
+        self._idle = 0
         client = self._client
         if not client._lost and not client._eof:
             client.transport.resume_reading()
