@@ -57,32 +57,27 @@ KERNEL_NAT = "kernel NAT"
 NFQ = "per-packet netfilterqueue"
 NL_GSO = "per-packet netlink GSO"
 NL_NOGSO = "per-packet netlink no GSO"
+NL_FULL = "per-packet netlink GSO, full checksums"  # --variants: the checksum of every GSO packet in Python
+NL_JOINED = "per-packet netlink GSO, one buffer"  # --variants: payloads copied into the batch's buffer
 ACC_NFQ = "accept-only netfilterqueue"
 ACC_NL = "accept-only netlink"
 ACC_FNFQ = "accept-only fnfqueue"
-BULK_ROWS = (KERNEL_NAT, NFQ, NL_GSO, NL_NOGSO)
+BULK_ROWS = (KERNEL_NAT, NFQ, NL_GSO, NL_NOGSO, NL_FULL, NL_JOINED)
 PPS_ROWS = (ACC_NFQ, ACC_NL, ACC_FNFQ, NFQ, NL_GSO)
 TARGET = 0.25  # per-packet bulk with GSO / kernel NAT, issue 9
 
 
 class BindingPath(ConveyPath):
-    """``convey --passthrough`` per packet with the given queue binding (and GSO on or off)."""
+    """``convey --passthrough`` per packet with the given queue binding and environment (the netlink binding's
+    debug switches: ``CONVEY_QUEUE_GSO``, ``CONVEY_QUEUE_GSO_CSUM``, ``CONVEY_QUEUE_PIECE_MIN``)."""
 
-    def __init__(self, bed: Testbed, name: str, binding: str, gso: bool = True) -> None:
+    def __init__(self, bed: Testbed, name: str, binding: str, env: dict[str, str] | None = None) -> None:
         self.bed = bed
         self.offload = False
         self.name = name
         self.pps = True
         text = config_text(bed) + f'queue_binding = "{binding}"\n'
-        saved = os.environ.get("CONVEY_QUEUE_GSO")
-        os.environ["CONVEY_QUEUE_GSO"] = "1" if gso else "0"
-        try:
-            self.convey: Any = ConveyProcess(bed, text, name=name.replace(" ", "-")).start()
-        finally:
-            if saved is None:
-                os.environ.pop("CONVEY_QUEUE_GSO", None)
-            else:
-                os.environ["CONVEY_QUEUE_GSO"] = saved
+        self.convey: Any = ConveyProcess(bed, text, name=name.replace(" ", "-"), extra_env=env).start()
         self._flows: subprocess.Popen[bytes] | None = None
 
 
@@ -177,6 +172,54 @@ def role_fnfqueue(max_seconds: float) -> None:
             conn.reset()
 
 
+def server_connections(bed: Testbed) -> list[str]:
+    """The bulk server's TCP connections on BULK_PORT that are not closed yet (``ss`` in its namespace)."""
+    out = bed.servers[0].run(["ss", "-Htn", "state", "connected", f"sport = :{BULK_PORT}"], check=False,
+                             timeout=10).stdout  # fmt: skip
+    return [line for line in out.splitlines() if line.strip() and not line.startswith("TIME-WAIT")]
+
+
+def settle(bed: Testbed, say: Callable[[str], None], seconds: float = 3.0) -> None:
+    """Wait until the iperf3 server holds no connection of an earlier test; kill what is left after ``seconds``.
+
+    The crash this prevents (a 3-round run, round 2): iperf3 -s serves one test at a time and reads its control
+    connection with blocking reads. When a row's convey stopped before the last packets of a test's connections
+    went through (the client's FIN, or the end of a -R test), the server kept the dead connection and never
+    accepted the next test, whose client then waited until its timeout (34 s). So a row waits for the test's
+    connections to close while its convey still forwards, and leftovers are destroyed (``ss -K``)."""
+    deadline = time.monotonic() + seconds
+    while (left := server_connections(bed)) and time.monotonic() < deadline:
+        time.sleep(0.05)  # polling the server's sockets
+    if left:
+        bed.servers[0].run(
+            ["ss", "-Ktn", "state", "connected", f"sport = :{BULK_PORT}"], check=False, timeout=10
+        )
+        say(
+            f"  killed {len(left)} connection(s) left at the bulk server: {' | '.join(' '.join(x.split()) for x in left)}"
+        )
+
+
+def settled_bulk(tools: l4.Tools, bed: Testbed, addr: str, port: int, seconds: float, down: bool,
+                 say: Callable[[str], None]) -> tuple[float, int]:  # fmt: skip
+    """``l4.bulk`` between two ``settle``s; one retry, with the sockets of both ends logged, if iperf3 hangs."""
+    settle(bed, say, 0.5)
+    try:
+        result = l4.bulk(tools, bed.client, addr, port, seconds, down)
+    except subprocess.TimeoutExpired:
+        ends = {
+            host.role: host.run(["ss", "-tnoi"], check=False, timeout=10).stdout
+            for host in (bed.client, bed.servers[0])
+        }
+        (bed.logdir / "bulk-timeout.txt").write_text(json.dumps(ends, indent=1))
+        say(
+            f"  iperf3 hung ({'down' if down else 'up'}); sockets in {bed.logdir / 'bulk-timeout.txt'}; once more"
+        )
+        settle(bed, say, 0.0)
+        result = l4.bulk(tools, bed.client, addr, port, seconds, down)
+    settle(bed, say)
+    return result
+
+
 def named(path: AcceptOnlyPath, name: str) -> AcceptOnlyPath:
     path.name = name
     return path
@@ -205,8 +248,13 @@ def bench(args: argparse.Namespace) -> tuple[Series, dict[str, list[blast.Pps]],
             (KERNEL_NAT, lambda: KernelNatPath(bed)),
             (NFQ, lambda: BindingPath(bed, NFQ, "netfilterqueue")),
             (NL_GSO, lambda: BindingPath(bed, NL_GSO, "netlink")),
-            (NL_NOGSO, lambda: BindingPath(bed, NL_NOGSO, "netlink", gso=False)),
+            (NL_NOGSO, lambda: BindingPath(bed, NL_NOGSO, "netlink", {"CONVEY_QUEUE_GSO": "0"})),
         ]
+        if args.variants:
+            rows += [
+                (NL_FULL, lambda: BindingPath(bed, NL_FULL, "netlink", {"CONVEY_QUEUE_GSO_CSUM": "full"})),
+                (NL_JOINED, lambda: BindingPath(bed, NL_JOINED, "netlink", {"CONVEY_QUEUE_PIECE_MIN": "0"})),
+            ]
         if args.pps:
             rows += [
                 (ACC_NFQ, lambda: named(AcceptOnlyPath(bed, 600), ACC_NFQ)),
@@ -215,12 +263,12 @@ def bench(args: argparse.Namespace) -> tuple[Series, dict[str, list[blast.Pps]],
             ]
 
         def measure(row: Any) -> None:
-            if row.l4:
+            if row.l4 and args.bulk:
                 say(f"  {row.name}: bulk up, bulk down")
                 addr, port = row.target("bulk")
                 for metric, down in ((l4.UP, False), (l4.DOWN, True)):
                     before = row.verdicts()
-                    gbit, received = l4.bulk(tools, bed.client, addr, port, args.seconds, down)
+                    gbit, received = settled_bulk(tools, bed, addr, port, args.seconds, down, say)
                     series.add(row.name, metric, gbit)
                     after = row.verdicts()
                     if down and before is not None and after is not None and received:
@@ -229,6 +277,9 @@ def bench(args: argparse.Namespace) -> tuple[Series, dict[str, list[blast.Pps]],
                 say(f"  {row.name}: packets/s")
                 pps.setdefault(row.name, []).append(blast.measure_pps(bed, row, frames, args.pps_seconds))
 
+        if args.rows:
+            wanted = [w.strip() for w in args.rows.split(",")]
+            rows = [row for row in rows if any(w in row[0] for w in wanted)]
         l4.run_rows(args.rounds, rows, measure, say, skipped)
     finally:
         bed.destroy()
@@ -247,6 +298,8 @@ def report(series: Series, pps: dict[str, list[blast.Pps]], skipped: dict[str, s
         (NFQ, KERNEL_NAT),
         (NL_GSO, NFQ),
         (NL_NOGSO, NFQ),
+        (NL_GSO, NL_FULL),
+        (NL_GSO, NL_JOINED),
     ):
         line = l4.ratio_line(series, row, base, f"{row} / {base}:", width=58)
         if line:
@@ -288,6 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="iperf3 -t (default 4, quick 2)")
     parser.add_argument("--rounds", type=int, help="rounds over every row, alternating the order (default 3)")
     parser.add_argument("--no-pps", dest="pps", action="store_false", help="bulk only")
+    parser.add_argument("--no-bulk", dest="bulk", action="store_false", help="packets/s only")
+    parser.add_argument(
+        "--variants",
+        action="store_true",
+        help="also the netlink binding with full checksums for GSO packets, and without sendmsg pieces",
+    )
+    parser.add_argument("--rows", help="only the rows whose names contain one of these comma-separated words")
     parser.add_argument("--json", type=Path, help="also write every measurement to this JSON file")
     args = parser.parse_args(argv)
     args.seconds = args.seconds or (2.0 if args.quick else 4.0)

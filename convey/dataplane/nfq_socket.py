@@ -3,20 +3,20 @@
 Against netfilterqueue (nfqueue.py) it asks the kernel for whole GSO packets (``NFQA_CFG_F_GSO``, a copy range of
 64 KB), so a bulk transfer costs one verdict per super-packet (up to ~64 KB) instead of one per MTU-sized segment,
 and frames larger than 4016 bytes (jumbo MTUs) are no longer cut; and it sends all verdicts of a batch in one
-``send``. The socket is read from the asyncio loop (``add_reader``), at most ``Batch.size`` packets per readable
-event, like the netfilterqueue edge; the planes' callbacks get a ``NetlinkPacket`` with netfilterqueue's verdict
-methods (``get_payload``, ``set_payload``, ``set_mark``, ``accept``, ``drop``), so they do not know which binding
-runs.
+``sendmsg``, big payloads as their own pieces of it (scatter-gather: a 64 KB payload is not copied into the batch).
+The socket is read from the asyncio loop (``add_reader``) into one preallocated buffer, at most ``Batch.size``
+packets per readable event, like the netfilterqueue edge; the planes' callbacks get a ``NetlinkPacket`` with
+netfilterqueue's verdict methods (``get_payload``, ``set_payload``, ``set_mark``, ``accept``, ``drop``), so they do
+not know which binding runs.
 
-Checksums: with GSO on, the kernel hands over packets whose TCP checksum it has not completed
-(``NFQA_SKB_CSUMNOTREADY``, CHECKSUM_PARTIAL: the field holds the pseudo-header sum only), and after a payload
-verdict it treats the packet as having no checksum offload at all (``nfqnl_mangle`` sets CHECKSUM_NONE). So when
-such a packet is accepted with a new payload, ``accept`` writes a full TCP checksum into the bytes it sends
-(``checksum.ipv4_tcp_checksum``); the packet core's incremental update (fastpath.py) is right for every other
-packet and is left alone. Packets accepted unchanged keep the kernel's offload.
+Checksums: see nfq_packet.py (a GSO packet's checksum is left to the kernel's segmentation, a partial one of
+any other packet is completed in ``accept``).
 
-``CONVEY_QUEUE_GSO=0`` (environment) binds without ``NFQA_CFG_F_GSO``: the kernel segments GSO packets and completes
-checksums before queueing (bench/queue_binding.py measures both).
+Packets accepted unchanged keep the kernel's offload. Debug overrides (environment, read at start):
+``CONVEY_QUEUE_GSO=0`` binds without ``NFQA_CFG_F_GSO`` (the kernel segments GSO packets and completes checksums
+before queueing; bench/queue_binding.py measures both); ``CONVEY_QUEUE_GSO_CSUM=full`` writes a full checksum into
+GSO packets too (~100-250 us per 64 KB in CPython: only to check the kernel's behaviour above);
+``CONVEY_QUEUE_PIECE_MIN=0`` copies every payload into the batch's buffer instead of a sendmsg piece of its own.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from convey.dataplane import nfq_netlink as nl
+from convey.dataplane.nfq_packet import BIG, NetlinkPacket, swapped
 from convey.errors import StartupError
 from convey.packet.checksum import ipv4_tcp_checksum
 
@@ -48,97 +49,51 @@ COPY_RANGE = nl.NFQNL_MAX_COPY_RANGE  # 65531: the most the kernel copies of a p
 RECV_BUF = 128 * 1024  # one packet message: its payload (at most COPY_RANGE) plus the attributes
 SOCK_RCVBUF = 32 * 1024 * 1024  # up to ~500 GSO packets waiting for us
 SOCK_SNDBUF = 8 * 1024 * 1024  # a send may not exceed this (netlink_sendmsg)
-FLUSH_AT = 1024 * 1024  # send the verdicts gathered so far once they reach this many bytes
 CONFIG_TIMEOUT = 5.0
 QUEUE_MAXLEN = 8192  # as the netfilterqueue binding
 PROC_QUEUES = "/proc/net/netfilter/nfnetlink_queue"
 
 _U16 = struct.Struct("!H")
 _U32 = nl.BE32
-
-
-class NetlinkPacket:
-    """The packet a plane's callback gets: netfilterqueue's verdict methods over the binding's verdict buffer.
-
-    One object per binding, refilled for every packet (the callbacks give their verdict before they return)."""
-
-    __slots__ = ("_mark", "_new", "_out", "_prefix", "_queue", "done", "id", "payload", "skb_info")
-
-    def __init__(self, queue: NetlinkQueue) -> None:
-        self._queue = queue
-        self._out = queue.out
-        self._prefix = queue.prefixes
-        self.id = 0
-        self.payload = b""
-        self.skb_info = 0
-        self._mark: int | None = None
-        self._new: bytes | bytearray | None = None
-        self.done = True
-
-    def get_payload(self) -> bytes:
-        return self.payload
-
-    def set_payload(self, payload: bytes | bytearray) -> None:
-        self._new = payload
-
-    def set_mark(self, mark: int) -> None:
-        self._mark = mark
-
-    def accept(self) -> None:
-        self._verdict(nl.NF_ACCEPT)
-
-    def drop(self) -> None:
-        self._verdict(nl.NF_DROP)
-
-    def _verdict(self, verdict: int) -> None:
-        if self.done:
-            raise RuntimeError("this packet already has a verdict")
-        self.done = True
-        out = self._out
-        new, mark = self._new, self._mark
-        if new is None or verdict == nl.NF_DROP:
-            if mark is None:
-                out += self._prefix[verdict]
-                out += _U32.pack(self.id)
-            else:
-                out += nl.verdict_head(self._queue.queue_num, self.id, verdict, mark, None)
-        else:
-            size = len(new)
-            out += nl.verdict_head(self._queue.queue_num, self.id, verdict, mark, size)
-            at = len(out)
-            out += new
-            info = self.skb_info
-            if (
-                info & nl.NFQA_SKB_CSUMNOTREADY
-                and size >= 40
-                and new[9] == 6
-                and not info & self._queue.skip_csum
-            ):
-                # The kernel's checksum was partial and a new payload loses the offload: a full one.
-                thl = (new[0] & 0x0F) << 2
-                if size >= thl + 20 and not _U16.unpack_from(new, 6)[0] & 0x3FFF:
-                    _U16.pack_into(out, at + thl + 16, ipv4_tcp_checksum(new))
-                    self._queue.full_checksums += 1
-            if size & 3:
-                out += nl.padding(size)
-        if len(out) >= FLUSH_AT:
-            self._queue.flush()
+# The head of a packet message: nlmsghdr, nfgenmsg, the first attribute's header and its first 4 bytes (the kernel
+# always puts NFQA_PACKET_HDR first: the packet id, big-endian, read here in host order and written back so).
+_FIRST = struct.Struct("=IHHIIBBHHHI")
+_MASK = nl.NLA_TYPE_MASK
 
 
 class NetlinkQueue:
     """One bound queue over our own netlink socket; the interface of ``nfqueue.QueueBinding``."""
 
     def __init__(
-        self, queue_num: int, callback: Callable[[Any], None], batch: Any, gso: bool | None = None
+        self,
+        queue_num: int,
+        callback: Callable[[Any], None],
+        batch: Any,
+        gso: bool | None = None,
+        verdicts_here: bool = True,
     ) -> None:
         self.queue_num = queue_num
+        # False (the offload planes): a packet the callback leaves without a verdict gets one from another thread;
+        # True: it is dropped here and counted (``no_verdict``), so a plane's bug cannot leave it queued.
+        self.verdicts_here = verdicts_here
         self.callback = callback
         self.batch = batch
         self.gso = os.environ.get("CONVEY_QUEUE_GSO", "1") != "0" if gso is None else gso
-        # Experimental (CONVEY_QUEUE_GSO_CSUM=kernel): no full checksum for GSO packets, whose segmentation on
-        # the way out sets the checksums up again (tcp4_gso_segment on a CHECKSUM_NONE skb).
-        self.skip_csum = nl.NFQA_SKB_GSO if os.environ.get("CONVEY_QUEUE_GSO_CSUM") == "kernel" else 0
-        self.out = bytearray()
+        if not verdicts_here:
+            # The offload planes queue first packets only (GSO buys nothing) and send rewritten payloads themselves
+            # (verdict_sender.py), without ``accept``'s checksum work: without NFQA_CFG_F_GSO the kernel completes
+            # every partial checksum before queueing (``skb_checksum_help`` in nfqnl_build_packet_message).
+            self.gso = False
+        # Debug only (module doc): a full checksum for GSO packets too, though the kernel's segmentation redoes it.
+        self.full_gso = os.environ.get("CONVEY_QUEUE_GSO_CSUM") == "full"
+        # Debug only: payloads of at least this many bytes go to sendmsg as their own pieces (0: none does).
+        self.big = int(os.environ.get("CONVEY_QUEUE_PIECE_MIN", BIG)) or 1 << 31
+        self.out = bytearray()  # verdicts not sent yet, after the last of ``pieces``
+        self.pieces: list[bytes | bytearray] = []  # verdicts not sent yet: heads and big payloads, in order
+        self.held = 0  # bytes in ``pieces``
+        self.res_id = socket.htons(queue_num)  # nfgenmsg's queue number, network order, as the host reads it
+        self.verdicts = {v: swapped(v) for v in (nl.NF_ACCEPT, nl.NF_DROP)}
+        self.accept_raw = self.verdicts[nl.NF_ACCEPT]
         self.prefixes = {
             v: nl.verdict_head(queue_num, 0, v, None, None)[:-4] for v in (nl.NF_ACCEPT, nl.NF_DROP)
         }
@@ -146,7 +101,10 @@ class NetlinkQueue:
         self.verdict_errors = 0  # verdicts the kernel refused (an NLMSG_ERROR came back)
         self.send_errors = 0
         self.no_verdict = 0  # packets a callback returned from without a verdict (dropped here)
-        self.full_checksums = 0
+        self.full_checksums = 0  # CSUMNOTREADY packets, not GSO, given a full checksum
+        self.kernel_checksums = (
+            0  # GSO packets accepted with a new payload: the kernel's segmentation checksums
+        )
         self.gso_packets = 0
         self.cut_packets = 0  # longer than the copy range (NFQA_CAP_LEN)
         self._sock: socket.socket | None = None
@@ -236,15 +194,17 @@ class NetlinkQueue:
 
     # -- packets ----------------------------------------------------------------------------------------------
 
-    def _drain(self) -> None:  # ~45 lines: the per-packet loop, kept in one frame on purpose
+    def _drain(self) -> None:  # ~55 lines: the per-packet loop, kept in one frame on purpose
         sock = self._sock
         if sock is None:
             return
         recv_into = sock.recv_into
         buf, view, pkt, callback, batch = self._buf, self._view, self._pkt, self.callback, self.batch
-        unpack_head = nl.NLMSG_HDR.unpack_from
-        decode = nl.decode_packet
-        packet_type = nl.PACKET_TYPE
+        read_first = _FIRST.unpack_from
+        read_attr = nl.NLA_HDR.unpack_from
+        read_u32 = _U32.unpack_from
+        packet_type, packet_hdr, payload_kind = nl.PACKET_TYPE, nl.NFQA_PACKET_HDR, nl.NFQA_PAYLOAD
+        info_kind, cap_kind, gso_flag = nl.NFQA_SKB_INFO, nl.NFQA_CAP_LEN, nl.NFQA_SKB_GSO
         batch.begin()
         try:
             for _ in range(batch.size):
@@ -258,29 +218,54 @@ class NetlinkQueue:
                         log.warning("event=queue_read_error queue=%d error=%r", self.queue_num, str(exc))
                         break
                     continue
-                length, kind = unpack_head(buf, 0)[:2]
-                if kind != packet_type or length != size:
+                if size < 32:
                     self._other(size)
                     continue
-                found = decode(buf, 0, size)
-                at = found.payload_at
-                pkt.id = found.packet_id
-                pkt.payload = view[at : at + found.payload_len].tobytes()
-                info = pkt.skb_info = found.skb_info
+                length, kind, _, _, _, _, _, _, _, first, raw = read_first(buf, 0)
+                if kind != packet_type or length != size or first & _MASK != packet_hdr:
+                    self._other(size)
+                    continue
+                # The attributes after NFQA_PACKET_HDR; the kernel writes NFQA_PAYLOAD last.
+                at, info, payload_at, payload_len = 32, 0, 0, 0
+                while at + 4 <= size:
+                    attr_len, attr = read_attr(buf, at)
+                    if attr_len < 4 or at + attr_len > size:
+                        break
+                    attr &= _MASK
+                    if attr == payload_kind:
+                        payload_at, payload_len = at + 4, attr_len - 4
+                        break
+                    if attr == info_kind:
+                        info = read_u32(buf, at + 4)[0]
+                    elif attr == cap_kind:
+                        self.cut_packets += 1
+                    at += (attr_len + 3) & ~3
+                pkt._raw = raw
+                pkt.payload = view[payload_at : payload_at + payload_len].tobytes()
+                pkt.skb_info = info
                 pkt._mark = pkt._new = None
                 pkt.done = False
-                if info & nl.NFQA_SKB_GSO:
+                if info & gso_flag:
                     self.gso_packets += 1
-                if found.cap_len:
-                    self.cut_packets += 1
                 callback(pkt)
                 if not pkt.done:
-                    self.no_verdict += 1
-                    pkt.drop()
+                    if self.verdicts_here:
+                        self.no_verdict += 1
+                        pkt.drop()
+                    else:
+                        pkt.done = True  # its verdict is another thread's
                 if batch.left <= 0:
                     break
         finally:
             self.flush()
+
+    def full_checksum(self, out: bytearray, at: int, packet: bytes | bytearray) -> None:
+        """Write the full TCP checksum of ``packet`` (IPv4, TCP) into its copy at ``out[at:]``; not for a fragment
+        or a packet whose headers do not fit."""
+        thl = (packet[0] & 0x0F) << 2
+        if len(packet) >= thl + 20 and not _U16.unpack_from(packet, 6)[0] & 0x3FFF:
+            _U16.pack_into(out, at + thl + 16, ipv4_tcp_checksum(packet))
+            self.full_checksums += 1
 
     def _other(self, size: int) -> None:
         """Anything but a single packet message: errors for refused verdicts, or several messages at once."""
@@ -298,18 +283,24 @@ class NetlinkQueue:
                 self.no_verdict += 1
 
     def flush(self) -> None:
-        """Send the verdicts gathered so far, in one ``send``."""
-        out = self.out
-        if not out or self._sock is None:
+        """Send the verdicts gathered so far, in one ``sendmsg`` (big payloads as their own pieces)."""
+        out, pieces = self.out, self.pieces
+        if not (out or pieces) or self._sock is None:
             return
         try:
-            self._sock.send(out)
+            if pieces:
+                if out:
+                    pieces.append(out)
+                self._sock.sendmsg(pieces)
+            else:
+                self._sock.send(out)
         except OSError as exc:  # the packets stay queued until the queue goes; say so loudly
             self.send_errors += 1
-            log.error(
-                "event=verdict_send_failed queue=%d bytes=%d error=%r", self.queue_num, len(out), str(exc)
-            )
+            log.error("event=verdict_send_failed queue=%d bytes=%d error=%r", self.queue_num,
+                      len(out) + self.held, str(exc))  # fmt: skip
         out.clear()
+        pieces.clear()
+        self.held = 0
 
     def fileno(self) -> int:
         """The netlink socket (verdict messages may be sent on it directly)."""
@@ -322,6 +313,7 @@ class NetlinkQueue:
             "no_verdict": self.no_verdict,
             "gso_packets": self.gso_packets,
             "full_checksums": self.full_checksums,
+            "kernel_checksums": self.kernel_checksums,
             "cut_packets": self.cut_packets,
         }
 

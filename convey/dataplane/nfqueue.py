@@ -88,12 +88,16 @@ class QueueEdge(Protocol):
     def counters(self) -> dict[str, int]: ...
 
 
-def open_queue(binding: str, queue_num: int, callback: Callable[[Any], None], batch: Batch) -> QueueEdge:
-    """The queue edge ``binding`` names (``config.QUEUE_BINDINGS``), not started yet."""
+def open_queue(
+    binding: str, queue_num: int, callback: Callable[[Any], None], batch: Batch, verdicts_here: bool = True
+) -> QueueEdge:
+    """The queue edge ``binding`` names (``config.QUEUE_BINDINGS``), not started yet. ``verdicts_here`` False: the
+    callback may leave a packet without a verdict because another thread gives it (the offload planes' verdict
+    sender writes to the queue's socket, ``fileno()``); netfilterqueue never gives a verdict of its own anyway."""
     if binding == "netlink":
         from convey.dataplane.nfq_socket import NetlinkQueue
 
-        return NetlinkQueue(queue_num, callback, batch)
+        return NetlinkQueue(queue_num, callback, batch, verdicts_here=verdicts_here)
     return QueueBinding(queue_num, callback, batch)
 
 

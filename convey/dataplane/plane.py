@@ -232,7 +232,10 @@ class PacketPlane(ABC, Generic[D]):
         self._raw = RawSender()
         batch = Batch()
         binding = config.dsr.queue_binding if self.mode == Mode.DSR else config.passthrough.queue_binding
-        self._queue = open_queue(binding, self._queue_num(config), self._callback(decider, batch), batch)
+        # Offload planes give their verdicts from a sender thread: the binding must not drop what they leave.
+        verdicts_here = not offloaded(config, self.mode)
+        callback = self._callback(decider, batch)
+        self._queue = open_queue(binding, self._queue_num(config), callback, batch, verdicts_here)
         self._queue.start()
         self._task = asyncio.get_running_loop().create_task(self._housekeeping(), name="flow-expiry")
         log.info(

@@ -4,10 +4,13 @@ What it must do that the netfilterqueue binding cannot: take whole GSO packets (
 rewrite those whose TCP checksum the kernel left partial (``NFQA_SKB_CSUMNOTREADY``) with a full checksum, so a
 bulk transfer arrives intact; and pass frames larger than 4016 bytes (MTU 9000 in the bed). A queue another
 process holds is a clear start error. Every transfer is checked with sha256 end to end and against /stats.
+Each mode's first end-to-end check (test_passthrough.py, test_dsr.py) runs here once more with this binding.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import subprocess
 import sys
 import textwrap
@@ -18,8 +21,11 @@ import pytest
 
 from testbed.bed import Testbed
 from testbed.convey_proc import ConveyProcess, ConveyProcessError
+from testbed.dsr import VIP_PORT as DSR_VIP_PORT
+from testbed.dsr import dsr_config
 from testbed.httpd import payload_sha256
 from testbed.process import python_env, read_line
+from tests.netns import test_dsr, test_passthrough
 from tests.netns.test_passthrough import (
     assert_clean,
     client,
@@ -30,6 +36,8 @@ from tests.netns.test_passthrough import (
 )
 
 SIZE = 200 * 1024 * 1024
+NETLINK = 'queue_binding = "netlink"'  # a line of [dsr]
+dsr_bed = contextlib.contextmanager(test_dsr.dsr_bed)  # removed even when the test fails
 
 
 @pytest.fixture
@@ -76,8 +84,10 @@ def test_200mb_both_ways_with_gso_packets_arrive_intact(beds: Callable[..., Test
     doc = transfer_both_ways(bed, convey, SIZE)
     queue = doc["packet"]["queue"]
     assert queue["verdict_errors"] == queue["verdict_send_errors"] == queue["no_verdict"] == 0
-    # the kernel handed over GSO packets, and the partial checksums were completed
+    # the kernel handed over GSO packets, whose checksums its segmentation set up; partial checksums of the
+    # other packets were completed
     assert queue["gso_packets"] > 0, queue
+    assert queue["kernel_checksums"] > 0, queue
     assert queue["full_checksums"] > 0, queue
     verdicts = doc["packet"]["verdicts"]
     per_verdict = (verdicts["bytes_tx"] + verdicts["bytes_rx"]) / (
@@ -138,3 +148,44 @@ def test_a_queue_held_by_another_process_is_a_clear_start_error(beds: Callable[.
     finally:
         holder.kill()
         holder.wait(10)
+
+
+# -- every mode's basic end-to-end check with the netlink binding ----------------------------------------------
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["per_packet", "offload"])
+def test_passthrough_requests_follow_weights_with_the_netlink_binding(
+    beds: Callable[..., Testbed], offload: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """test_passthrough.py's first check, unchanged, with ``[passthrough] queue_binding = "netlink"``."""
+    monkeypatch.setattr(
+        test_passthrough, "make_config", functools.partial(make_config, queue_binding="netlink")
+    )
+    test_passthrough.test_requests_follow_weights_and_servers_see_the_balancer(beds, offload)
+
+
+@pytest.mark.parametrize(
+    ("rewrite", "offload"), [("ip", False), ("mac", False), ("ip", True)], ids=["ip", "mac", "ip-offload"]
+)
+def test_dsr_spreads_and_replies_bypass_the_balancer_with_the_netlink_binding(
+    rewrite: str, offload: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """test_dsr.py's first check, unchanged, on the L2 bed with ``[dsr] queue_binding = "netlink"``."""
+    monkeypatch.setattr(test_dsr, "dsr_config", functools.partial(dsr_config, extra=NETLINK))
+    with dsr_bed("l2", rewrite) as bed:
+        test_dsr.test_dsr_spreads_by_weight_and_replies_bypass_the_balancer(bed, offload)
+
+
+def test_dsr_ip_upload_with_gso_packets_arrives_intact() -> None:
+    """A 50 MB upload through DSR ``ip`` with the netlink binding: GSO packets rewritten (their checksums left to
+    the kernel's segmentation), the replies straight from the server; the server's sha256 of what it got."""
+    with dsr_bed("l2", "ip") as dsr:
+        bed = dsr.bed
+        with ConveyProcess(bed, dsr_config(bed, "ip", extra=NETLINK), mode="dsr") as lb:
+            size = 50 * 1024 * 1024
+            up = client(bed, "upload", size=size, port=DSR_VIP_PORT, timeout=120, run_timeout=180)
+            assert up["error"] is None and up["status"].startswith("HTTP/1.1 200"), up
+            assert up["body_start"] == payload_sha256(size)
+            queue = lb.stats()["packet"]["queue"]
+            assert queue["gso_packets"] > 0 and queue["kernel_checksums"] > 0, queue
+            assert queue["verdict_errors"] == queue["no_verdict"] == 0, queue
