@@ -20,7 +20,7 @@ DSR_REWRITES = tuple(Rewrite)
 EGRESS_NAT_METHODS = ("auto", "tc", "nft")
 # How the packet modes talk to NFQUEUE (convey/dataplane/nfqueue.py): the netfilterqueue package or our own socket.
 QUEUE_BINDINGS = ("netfilterqueue", "netlink")
-DEFAULT_QUEUE_BINDING = "netfilterqueue"
+DEFAULT_QUEUE_BINDING = "netlink"
 
 DEFAULT_HEALTH_INTERVAL = 5.0
 DEFAULT_HEALTH_TIMEOUT = 1.0

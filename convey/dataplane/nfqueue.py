@@ -11,9 +11,9 @@ segments GSO packets before queueing them, since the binding does not ask for GS
 rewrite a packet whose copy was cut (``too_long``).
 
 Two bindings, chosen by ``[passthrough] queue_binding`` (``[dsr] queue_binding`` for DSR) through ``open_queue``:
-``"netfilterqueue"`` (this module's ``QueueBinding``) and ``"netlink"`` (``nfq_socket.NetlinkQueue``: our own
-nfnetlink_queue socket with GSO-sized packets, 64 KB copies and one ``send`` per batch of verdicts). Both hand the
-callback a packet with the same verdict methods and count the same ``Batch``.
+``"netlink"``, the default (``nfq_socket.NetlinkQueue``: our own nfnetlink_queue socket with GSO-sized packets,
+64 KB copies and one ``send`` per batch of verdicts), and ``"netfilterqueue"`` (this module's ``QueueBinding``).
+Both hand the callback a packet with the same verdict methods and count the same ``Batch``.
 """
 
 from __future__ import annotations
