@@ -11,7 +11,8 @@ counter (``DROP_REASONS``), and a reason has the same name in both modes:
 - ``errors``: an unexpected exception (a bug) while deciding; the packet is dropped;
 - passthrough only: ``unknown_flow`` (a client packet of no flow, not a SYN), ``unknown_return`` (a return
   packet for an LB addr:eport nobody uses), ``wrong_server`` (used, but by a flow with another server),
-  ``table_full``, ``no_port`` (the client is refused with a RST);
+  ``table_full``, ``no_port`` (the client is refused with a RST), ``rst_out_of_window`` (a RST of a known flow
+  outside the receiver's window: ``convey.packet.seqcheck``; the endpoint would ignore it);
 - DSR only: ``no_mark`` (``rewrite = "mac"``: the chosen server has no fwmark).
 
 The other counters are not verdicts: ``bytes_tx`` (TCP payload client -> server), ``bytes_rx`` (back; DSR
@@ -46,6 +47,7 @@ class PassthroughCounters:
         "wrong_server",
         "table_full",
         "no_port",
+        "rst_out_of_window",
     )
 
     ingress_accepted: int = 0
@@ -65,6 +67,7 @@ class PassthroughCounters:
     no_server: int = 0
     table_full: int = 0
     no_port: int = 0
+    rst_out_of_window: int = 0
     errors: int = 0
     flows_opened: int = 0
     flows_closed: int = 0

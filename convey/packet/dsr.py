@@ -32,12 +32,13 @@ Nothing raises into the queue loop.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import cast
 
 from convey import modes
 from convey.balancing.schedulers import flow_hash
 from convey.packet.counters import DsrCounters, count_malformed
 from convey.packet.fastpath import Packet, compile_dsr
-from convey.packet.flows import Flow, FlowState, FlowTable, Rewrite
+from convey.packet.flows import FWD_PACKET, DsrFlow, Flow, FlowState, FlowTable
 from convey.packet.ipv4 import ACK, FIN, RST, SYN, Malformed, Parsed, addr_to_int, flow_key, parse, rewrite
 from convey.packet.passthrough import (
     ACCEPT,
@@ -72,35 +73,14 @@ def new_dsr_flow(
     now: float,
     rewrite_ip: bool,
     fwmark: int,
-) -> Flow:
-    """A DSR flow: forward rewrite to the server (``ip``) or the identity (``mac``); no return key."""
+) -> DsrFlow:
+    """A DSR flow: forward rewrite to the server (``ip``; ``mac`` never rewrites, the head only names the
+    server); no return key."""
     key = flow_key(client_addr, vip_addr, client_port, vip_port)
-    identity = Rewrite.between(key, key)
-    fwd = (
-        Rewrite.between(key, flow_key(client_addr, server_addr, client_port, server_port))
-        if rewrite_ip
-        else identity
-    )
-    return Flow(
-        frontend=frontend,
-        client_addr=client_addr,
-        client_port=client_port,
-        vip_addr=vip_addr,
-        vip_port=vip_port,
-        server_id=server_id,
-        server_addr=server_addr,
-        server_port=server_port,
-        lb_addr=b"",
-        eport=0,
-        created=now,
-        last_seen=now,
-        fwd_key=key,
-        ret_key=b"",
-        fwd=fwd,
-        ret=identity,
-        fwmark=fwmark,
-        verdict=(ACCEPT, 0) if rewrite_ip else (ACCEPT, fwmark),
-    )
+    head = flow_key(client_addr, server_addr, client_port, server_port)
+    flow = DsrFlow(frontend, server_id, key, head, now, fwmark)
+    flow.verdict = (ACCEPT, 0) if rewrite_ip else (ACCEPT, fwmark)
+    return flow
 
 
 class Dsr:
@@ -198,7 +178,7 @@ class Dsr:
                 return _DROPPED
             flags = parsed.flags
             flow = self._forward.get(flow_key(parsed.src, parsed.dst, parsed.sport, parsed.dport))
-            if flow is not None and flow.state == _CLOSING and flags & (SYN | ACK | RST) == SYN:
+            if flow is not None and flow.state == _CLOSING and flags & (SYN | ACK | RST | FIN) == SYN:
                 self.flows.remove(flow)  # the client reuses its port for a new connection
                 self._closed(flow)
                 flow = None
@@ -210,20 +190,19 @@ class Dsr:
             elif not flags & SYN:
                 self.flows.establish(flow)
             if self._rewrite_ip:
-                rw = flow.fwd
-                rewrite(buf, parsed.ihl, rw.addrs, rw.ports, rw.ip_delta, rw.tcp_delta)
+                head = flow.fwd_head
+                rewrite(buf, parsed.ihl, head[:8], head[8:12], flow.ip_delta, flow.tcp_delta)
                 counters.rewrites += 1
             size = parsed.payload_len
             flow.last_seen = now
-            flow.fwd_packets += 1
-            flow.fwd_bytes += size
-            if flags & (RST | FIN):
+            flow.count += size + FWD_PACKET
+            if flags & (RST | FIN) and not flags & SYN:
                 self.flows.close(flow, now)
             if parsed.ihl != 20:
                 counters.ip_options += 1
             counters.accepted += 1
             counters.bytes_tx += size
-            return flow.verdict
+            return cast("DsrFlow", flow).verdict
         except Exception:
             self._decide_failed(buf)
             return _DROPPED

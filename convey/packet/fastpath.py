@@ -5,7 +5,8 @@ RST. For such a packet the decision is fixed when its flow opens: the rewrite (n
 deltas) and the verdict. ``compile_passthrough`` and ``compile_dsr`` build a closure over the flow tables, the
 counters and a few ``struct`` functions, all bound to locals, that handles exactly these packets: one
 ``struct`` call reads the header, one header guard (written once, below) checks it, the 12 bytes 12..24 find
-the flow, two ``pack_into`` calls write the new checksums and bytes 12..24 into a copy, and the flow's and the
+the flow, two ``pack_into`` calls write the new checksums and bytes 12..24 (the flow's head; ``struct`` writes
+its first 12 bytes) into a copy, and the flow's and the
 decision's counters move on. Per packet it allocates the unpacked header, the copy and the bytes it returns.
 
 Everything else (a new flow, a SYN, FIN or RST, IP options, a fragment, a malformed packet, a packet that
@@ -30,7 +31,7 @@ from collections.abc import Callable, Mapping
 from typing import TypeVar, cast
 
 from convey.packet.counters import DsrCounters, PassthroughCounters
-from convey.packet.flows import Flow
+from convey.packet.flows import Flow, count_tables
 from convey.packet.ipv4 import HOT_CSUM, HOT_CSUM_HEAD, HOT_HEADER
 
 __all__ = ["NO_FLOWS", "Packet", "compile_dsr", "compile_passthrough"]
@@ -79,6 +80,7 @@ def _compile(
     read_head = HOT_HEADER.unpack_from
     write_head = HOT_CSUM_HEAD.pack_into
     write_csum = HOT_CSUM.pack_into
+    fwd_counts, ret_counts = count_tables()  # what one packet of each size adds to a flow's count
 
     def fast(payload: Packet, now: float) -> bytes | int | R:
         try:
@@ -102,8 +104,7 @@ def _compile(
                     if flow is not None and (pt is not None or flow.state):
                         size = n - 20 - thl
                         flow.last_seen = now
-                        flow.fwd_packets += 1
-                        flow.fwd_bytes += size
+                        flow.count += fwd_counts[size]
                         if pt is not None:
                             pt.ingress_accepted += 1
                             pt.bytes_tx += size
@@ -111,25 +112,23 @@ def _compile(
                             dsr.accepted += 1
                             dsr.bytes_tx += size
                             if not rewrite:
-                                return flow.fwmark
+                                mark: int = flow.fwmark  # type: ignore[attr-defined]  # a DsrFlow
+                                return mark
                             dsr.rewrites += 1
-                        rw = flow.fwd
                         buf = bytearray(payload)
-                        write_head(buf, 10, (ip_csum - rw.ip_delta) % 0xFFFF, rw.head)
-                        write_csum(buf, 36, (tcp_csum - rw.tcp_delta) % 0xFFFF)
+                        write_head(buf, 10, (ip_csum - flow.ip_delta) % 0xFFFF, flow.fwd_head)
+                        write_csum(buf, 36, (tcp_csum - flow.tcp_delta) % 0xFFFF)
                         return bytes(buf)
                     flow = reverse_get(key)
                     if flow is not None and flow.state and pt is not None:  # EMBRYONIC: the full path
                         size = n - 20 - thl
                         flow.last_seen = now
-                        flow.ret_packets += 1
-                        flow.ret_bytes += size
+                        flow.count += ret_counts[size]
                         pt.return_accepted += 1
                         pt.bytes_rx += size
-                        rw = flow.ret
-                        buf = bytearray(payload)
-                        write_head(buf, 10, (ip_csum - rw.ip_delta) % 0xFFFF, rw.head)
-                        write_csum(buf, 36, (tcp_csum - rw.tcp_delta) % 0xFFFF)
+                        buf = bytearray(payload)  # the return deltas are the forward ones negated
+                        write_head(buf, 10, (ip_csum + flow.ip_delta) % 0xFFFF, flow.ret_head)
+                        write_csum(buf, 36, (tcp_csum + flow.tcp_delta) % 0xFFFF)
                         return bytes(buf)
         except Exception:
             if on_error is None:

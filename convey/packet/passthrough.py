@@ -25,7 +25,11 @@ Client packets:
 - A SYN (without ACK, RST or FIN) of a new flow to a VIP: the frontend's ``choose`` picks a server from the
   flow hash of the client tuple, the port allocator an (LB addr, eport), and the flow is created with both
   directions' rewrites precomputed. A retransmitted SYN finds the flow and goes to the same server. A SYN for
-  a flow that is closing (the client reused its port within the linger) ends the old flow and opens a new one.
+  a flow that is closing (the client reused its port within the linger) ends the old flow and opens a new one
+  when its sequence number lies beyond the old connection's; any other SYN on a known flow (SYN|FIN included)
+  is forwarded and changes nothing (``convey.packet.seqcheck``).
+- A RST of a known flow (either direction) closes it only when its sequence number is in the receiver's
+  window (``seqcheck``); otherwise it is dropped and counted (``rst_out_of_window``), the flow unchanged.
 - No healthy server (``no_server``), a full table (``table_full``) or no free port (``no_port``): the client
   is refused with a RST (RST|ACK, seq 0, ack = its seq + 1 + payload) and the SYN dropped, so it fails at
   once.
@@ -49,7 +53,7 @@ from struct import Struct
 from convey.packet.admission import RST_QUEUE_LIMIT, Admission, Chooser, queue_reset
 from convey.packet.counters import PassthroughCounters, count_malformed
 from convey.packet.fastpath import NO_FLOWS, Packet, compile_passthrough
-from convey.packet.flows import Flow, FlowState, FlowTable, new_passthrough_flow
+from convey.packet.flows import FWD_PACKET, RET_SHIFT, Flow, FlowState, FlowTable, new_passthrough_flow
 from convey.packet.ipv4 import (
     ACK,
     FIN,
@@ -62,6 +66,13 @@ from convey.packet.ipv4 import (
     rewrite,
 )
 from convey.packet.ports import Ports
+from convey.packet.seqcheck import (
+    client_rst_in_window,
+    new_connection,
+    note_syn_ack,
+    server_rst_in_window,
+    wscale_of,
+)
 
 __all__ = [
     "RST_QUEUE_LIMIT",
@@ -89,6 +100,7 @@ DROP = Verdict.DROP
 _DST = Struct("!4s2xH").unpack_from  # (dst addr, dst port) of an IHL-5 IPv4/TCP packet, at offset 16
 _U16 = Struct("!H").unpack_from
 _CLOSING = FlowState.CLOSING
+_SYN_ETC = SYN | ACK | RST | FIN
 
 
 def _not_fast(payload: Packet, now: float) -> None:
@@ -179,6 +191,7 @@ class Passthrough(Admission):
         nothing is due; call it every few hundred milliseconds or per batch of packets."""
         for flow in self.flows.expire(now):
             self._closed(flow, now)
+        self.ports.expire(now)  # port pools with nothing in use or cooling down are freed
 
     # -- the full path
 
@@ -227,23 +240,28 @@ class Passthrough(Admission):
                 return DROP
             flow = self._forward.get(flow_key(parsed.src, parsed.dst, parsed.sport, parsed.dport))
             flags = parsed.flags
-            if flow is not None and flow.state == _CLOSING and flags & (SYN | ACK | RST) == SYN:
-                self.flows.remove(flow)
-                self._closed(flow, now)
-                flow = None
+            if flow is not None:
+                if flags & RST and not client_rst_in_window(flow, parsed):
+                    counters.rst_out_of_window += 1
+                    counters.ingress_dropped += 1
+                    return DROP
+                if flags & _SYN_ETC == SYN and flow.state == _CLOSING and new_connection(flow, parsed.seq):
+                    self.flows.remove(flow)  # the client reuses its port for a new connection
+                    self._closed(flow, now)
+                    flow = None
             if flow is None:
-                flow = self._open(parsed, now)
+                flow = self._open(parsed, now, buf)
                 if flow is None:
                     counters.ingress_dropped += 1
                     return DROP
-            rw = flow.fwd
-            rewrite(buf, parsed.ihl, rw.addrs, rw.ports, rw.ip_delta, rw.tcp_delta)
+            rewrite(buf, parsed.ihl, flow.fwd_head[:8], flow.fwd_head[8:12], flow.ip_delta, flow.tcp_delta)
             size = parsed.payload_len
             flow.last_seen = now
-            flow.fwd_packets += 1
-            flow.fwd_bytes += size
+            flow.count += size + FWD_PACKET
             if flags & RST:
                 self.flows.close(flow, now)
+            elif flags & SYN:
+                pass  # a SYN never changes an existing flow (a retransmission, or the server decides)
             elif flags & FIN:
                 flow.fin_fwd = True
                 if flow.fin_ret:
@@ -258,7 +276,7 @@ class Passthrough(Admission):
             counters.ingress_dropped += 1
             return DROP
 
-    def _open(self, p: Parsed, now: float) -> Flow | None:
+    def _open(self, p: Parsed, now: float, buf: bytearray) -> Flow | None:
         """A new flow for this SYN, or None after counting (and maybe queueing a RST) why not."""
         counters = self.counters
         admitted = self.admit(p, self.flows.full)
@@ -275,6 +293,8 @@ class Passthrough(Admission):
         flow = new_passthrough_flow(
             frontend, p.src, p.sport, p.dst, p.dport, server_id, server_addr, server_port, lb_addr, eport, now
         )
+        flow.set_fwd_seq(p.seq + 1, 0)  # the server's window scale: known from its SYN-ACK
+        flow.set_ret_seq(None, wscale_of(buf, p))
         if not self.flows.add(flow):
             # The return key is taken: the allocator and the table disagree (a bug). Refuse the client.
             self.ports.release(lb_addr, server_addr, server_port, eport, now)
@@ -306,17 +326,22 @@ class Passthrough(Admission):
                     counters.unknown_return += 1
                 counters.return_dropped += 1
                 return DROP
-            rw = flow.ret
-            rewrite(buf, parsed.ihl, rw.addrs, rw.ports, rw.ip_delta, rw.tcp_delta)
             size, flags = parsed.payload_len, parsed.flags
+            if flags & RST and not server_rst_in_window(flow, parsed):
+                counters.rst_out_of_window += 1
+                counters.return_dropped += 1
+                return DROP
+            if flags & (SYN | ACK) == SYN | ACK and flow.state == FlowState.EMBRYONIC:
+                note_syn_ack(flow, buf, parsed)
+            head, delta_ip, delta_tcp = flow.ret_head, 0xFFFF - flow.ip_delta, 0xFFFF - flow.tcp_delta
+            rewrite(buf, parsed.ihl, head[:8], head[8:12], delta_ip or 0xFFFF, delta_tcp or 0xFFFF)
             flow.last_seen = now
-            flow.ret_packets += 1
-            flow.ret_bytes += size
+            flow.count += (size + FWD_PACKET) << RET_SHIFT
             if flags & RST:
                 self.flows.close(flow, now)
             else:
                 self.flows.establish(flow)
-                if flags & FIN:
+                if flags & FIN and not flags & SYN:
                     flow.fin_ret = True
                     if flow.fin_fwd:
                         self.flows.close(flow, now)

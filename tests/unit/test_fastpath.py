@@ -77,7 +77,7 @@ def passthrough(chooser: Chooser) -> CountingPassthrough:
     return CountingPassthrough(
         {(_addr(VIP), 80): "web"},
         [_addr(LB)],
-        PortAllocator(EPORT, EPORT + N_EPORTS - 1, (_addr(LB),), 60),
+        PortAllocator(EPORT, EPORT + N_EPORTS - 1, (_addr(LB),), 60, start=lambda n: 0),
         FlowTable(CAPACITY, 10, 300, 2),
         chooser,
     )
@@ -103,7 +103,9 @@ def flow_state(flows: FlowTable) -> list[tuple[Any, ...]]:
             f.ret_bytes,
             f.fin_fwd,
             f.fin_ret,
-            f.fwmark,
+            getattr(f, "fwmark", 0),  # DSR flows only
+            f.fwd_head,  # with the sequence spaces the RST and SYN checks use
+            f.ret_head,
         )
         for f in flows
     )
@@ -126,21 +128,28 @@ def assert_one_counter_each(counters: PassthroughCounters | DsrCounters, packets
 
 # Weighted: most packets are whole, and a SYN is common enough to open flows that the others then find.
 DAMAGE = ("none",) * 9 + ("options", "fragment", "frag_offset", "cut", "trailing", "bad_offset", "not_tcp",
-                          "not_vip", "tos")  # fmt: skip
+                          "not_vip", "tos", "in_seq", "in_seq", "far_seq", "new_seq")  # fmt: skip
+# Sequence numbers (issue 10): the SYNs have 7 (client) and 11 (server), so a RST with 7 or 11 is just outside
+# the window, one with 8 or 12 ("in_seq") inside it; "far_seq" is far outside; "new_seq" a SYN that may start
+# a new connection on a closing flow.
+CLIENT_SEQ = {"in_seq": 8, "far_seq": 7 + 2**31, "new_seq": 100_007}
+RETURN_SEQ = {"in_seq": 12, "far_seq": 11 + 2**31}
 
 client_op = st.tuples(
     st.just("client"),
     st.integers(0, 3),  # client port index
-    st.sampled_from(["S", "S", "S", "A", "PA", "FA", "R", "RA", "SA", "AU", "A", "PA"]),
+    st.sampled_from(["S", "S", "S", "A", "PA", "FA", "R", "RA", "SA", "AU", "A", "PA", "SF", "SFA", "SR"]),
     st.integers(0, 80),  # payload length
     st.sampled_from(DAMAGE),
 )
 return_op = st.tuples(
     st.just("return"),
     st.integers(0, 3),
-    st.sampled_from(["SA", "A", "PA", "FA", "R", "A", "PA"]),
+    st.sampled_from(["SA", "A", "PA", "FA", "R", "A", "PA", "RA", "SF", "SAF"]),
     st.integers(0, 1200),
-    st.sampled_from(("none",) * 6 + ("unknown_port", "wrong_server", "options", "cut", "fragment")),
+    st.sampled_from(
+        ("none",) * 6 + ("unknown_port", "wrong_server", "options", "cut", "fragment", "in_seq", "far_seq")
+    ),
 )
 other_op = st.one_of(
     st.tuples(st.just("time"), st.sampled_from([0.001, 0.5, 3.0, 20.0])),
@@ -170,7 +179,8 @@ def damaged(raw: bytearray, damage: str) -> bytes:
 def client_packet(cport_index: int, flags: str, size: int, damage: str) -> bytes:
     dst, dport = (VIP, 80) if damage != "not_vip" else ("198.18.0.99", 80)
     options = [IPOption_Router_Alert()] if damage == "options" else None
-    raw = tcp_packet(CLIENT, dst, 50000 + cport_index, dport, flags, 7, 9, b"c" * size, options)
+    seq = CLIENT_SEQ.get(damage, 7)
+    raw = tcp_packet(CLIENT, dst, 50000 + cport_index, dport, flags, seq, 9, b"c" * size, options)
     if damage == "tos":
         raw[1] = 4  # not in the guard: a packet like any other (its IPv4 checksum is the kernel's business)
     return damaged(raw, damage)
@@ -189,7 +199,8 @@ def return_packet(flows: FlowTable, cport_index: int, flags: str, size: int, dam
     elif damage == "wrong_server":
         server = "198.18.1.3" if server == "198.18.1.2" else "198.18.1.2"
     options = [IPOption_NOP()] * 4 if damage == "options" else None
-    raw = tcp_packet(server, LB, sport, eport, flags, 11, 13, b"s" * size, options)
+    ack = 8 if flags == "RA" and damage == "in_seq" else 13  # a refusal acknowledging the SYN
+    raw = tcp_packet(server, LB, sport, eport, flags, RETURN_SEQ.get(damage, 11), ack, b"s" * size, options)
     return damaged(raw, damage if damage in ("cut", "fragment") else "none")
 
 
@@ -311,7 +322,7 @@ def test_decide_never_raises_an_unexpected_exception_is_counted() -> None:
     pt.decide(bytes(tcp_packet(CLIENT, VIP, 50000, 80, "S", 7)), 1.0)
     flow = next(iter(pt.flows))
     flow.state = 1  # ESTABLISHED, so the fast path takes its packets
-    object.__setattr__(flow, "fwd", None)  # a bug: the fast path trips over it
+    flow.fwd_head = None  # type: ignore[assignment]  # a bug: the fast path trips over it
     assert pt.decide(bytes(tcp_packet(CLIENT, VIP, 50000, 80, "A", 8, 1)), 2.0) is None
     assert (pt.counters.errors, pt.counters.ingress_dropped) == (1, 1)
 
@@ -319,7 +330,7 @@ def test_decide_never_raises_an_unexpected_exception_is_counted() -> None:
     d.decide(bytes(tcp_packet(CLIENT, VIP, 50000, 80, "S", 7)), 1.0)
     dflow: Flow = next(iter(d.flows))
     dflow.state = 1
-    object.__setattr__(dflow, "fwd", None)
+    dflow.fwd_head = None  # type: ignore[assignment]
     assert d.decide(bytes(tcp_packet(CLIENT, VIP, 50000, 80, "A", 8, 1)), 2.0) is None
     assert (d.counters.errors, d.counters.dropped) == (1, 1)
 
@@ -382,7 +393,7 @@ def hot_path_packets() -> list[bytes]:
 def hot_path_decider() -> Passthrough:
     vip, lb, server = (_addr(a) for a in ("198.18.0.1", "198.18.1.1", "198.18.1.2"))
     return Passthrough(
-        {(vip, 80): "web"}, [lb], PortAllocator(40000, 40099, (lb,), 60), FlowTable(100, 10, 300, 2),
+        {(vip, 80): "web"}, [lb], PortAllocator(40000, 40099, (lb,), 60, start=lambda n: 0), FlowTable(100, 10, 300, 2),
         lambda frontend, flow_hash: ("web_servers/s0", server, 8080),
     )  # fmt: skip
 
@@ -451,3 +462,18 @@ def test_queue_callback_counts_its_batch_and_decides_like_the_full_path() -> Non
     assert fast_decider.counters == full_decider.counters
     assert plane.io_errors == 0 and fast_decider.counters.errors == 0
     assert astuple(fast_decider.counters) == astuple(full_decider.counters)
+
+
+def test_forged_resets_and_syns_decide_alike() -> None:
+    """Issue 10: resets in and out of the window and SYNs on live and closing flows, both paths alike."""
+    chooser = Chooser()
+    fast, full = passthrough(chooser), passthrough(chooser)
+    ops = [
+        ("client", 0, "R", 0, "far_seq"), ("client", 0, "SF", 0, "none"), ("return", 0, "R", 0, "none"),
+        ("client", 1, "SFA", 0, "far_seq"), ("client", 0, "PA", 10, "none"), ("return", 0, "PA", 50, "none"),
+        ("client", 0, "R", 0, "in_seq"), ("client", 0, "S", 0, "none"), ("client", 0, "A", 0, "none"),
+        ("client", 0, "S", 0, "new_seq"), ("return", 1, "R", 0, "in_seq"), ("client", 1, "SR", 0, "none"),
+    ]  # fmt: skip
+    run_sequence(fast, full, chooser, ops)
+    c = fast.counters
+    assert c.rst_out_of_window == 3 and c.flows_closed == 1 and c.flows_opened == 3

@@ -55,7 +55,7 @@ class Env:
         rst_unknown: bool = True,
     ) -> None:
         self.healthy = list(healthy)
-        self.ports = PortAllocator(lo, hi, [addr_to_bytes(LB)], reuse_delay)
+        self.ports = PortAllocator(lo, hi, [addr_to_bytes(LB)], reuse_delay, start=lambda n: 0)
         self.flows = FlowTable(capacity, syn_timeout=10.0, idle_timeout=300.0, linger=2.0)
         self.opened: list[Flow] = []
         self.closed: list[Flow] = []

@@ -43,7 +43,7 @@ def test_queue_callback_gives_the_verdicts_decide_gives() -> None:
 
     def decider() -> Passthrough:
         return Passthrough(
-            vips, [b[lb]], PortAllocator(40000, 40099, (b[lb],), 60), FlowTable(100, 10, 300, 2),
+            vips, [b[lb]], PortAllocator(40000, 40099, (b[lb],), 60, start=lambda n: 0), FlowTable(100, 10, 300, 2),
             lambda frontend, flow_hash: ("web_servers/s0", b[server], 8080),
         )  # fmt: skip
 
