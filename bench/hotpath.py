@@ -15,8 +15,8 @@ A packet of an established flow (no SYN, FIN or RST, no IP options), fed again a
   (the hot path inlined in the edge), ``PacketPlane._on_packet_passthrough`` (the callback it fell back to,
   through the decision's ``ingress``/``egress``) and ``PacketPlane._on_packet_dsr``, when the tree measured
   still has them (commit 8af15a9 does);
-* ``fused copy (of 8af15a9)``: a copy, kept here, of that fused callback over the measured tree's flow table,
-  so that every run compares the tree's ``decide`` with it on the same machine at the same moment;
+  (a copy of that fused callback used to be kept here too; it needed the flow layout before issue 10's
+  smaller flows, so compare with the old tree through ``--src`` instead);
 
 for four scenarios: passthrough ingress (client -> VIP) and return (server -> balancer), DSR ``ip`` and
 ``mac``. Two more rows measure the flow key alone (``flows.py`` quotes them): one ``struct`` unpack of the hot
@@ -34,7 +34,6 @@ fastest timing is the steadiest figure (other jobs only ever add time); compare 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -167,96 +166,6 @@ def edge_model(decide: Callable[[bytes, float], Any], rst_out: list[bytes]) -> C
     return on_packet
 
 
-class _FusedCounters:
-    """The counters the fused copy below bumps (its names for them), on an object of the same kind."""
-
-    __slots__ = ("bytes_rx", "bytes_tx", "egress_accepted", "ingress_accepted")
-
-    def __init__(self) -> None:
-        self.ingress_accepted = self.egress_accepted = self.bytes_rx = self.bytes_tx = 0
-
-
-def fused_copy(decider: Passthrough) -> Callable[[Any], None]:
-    """Commit 8af15a9's ``PacketPlane._passthrough_handler`` (the hot path inlined in the queue callback),
-    copied as it was, over ``decider``'s flow tables: the reference the new ``decide`` is compared with in the
-    same run. Only its hot path is measured here (the packets always hit a flow), so its full path is a stub.
-    """
-    from convey.packet.ipv4 import HOT_CSUM, HOT_CSUM_HEAD, HOT_HEADER
-
-    batch = _Batch()
-    forward, reverse = decider.flows.forward, decider.flows.reverse
-    counters = _FusedCounters()
-    read_head = HOT_HEADER.unpack_from
-    write_head = HOT_CSUM_HEAD.pack_into
-    write_csum = HOT_CSUM.pack_into
-    monotonic = time.monotonic
-
-    class plane:  # stands in for the PacketPlane instance the copy reads
-        _vip_addrs = frozenset({VIP})
-        handler_errors = 0
-
-    def full_path(pkt: Any, payload: bytes) -> None:
-        raise AssertionError("the benchmark's packets all take the hot path")
-
-    def on_packet(pkt: Any) -> None:
-        left = batch.left - 1
-        batch.left = left
-        if left <= 0:
-            batch.end()
-        try:
-            payload = pkt.get_payload()
-            n = len(payload)
-            if n >= 40:
-                vihl, total, frag, proto, ip_csum, key, offset, flags, tcp_csum = read_head(payload)
-                thl = offset >> 2 & 0x3C
-                if (
-                    vihl == 0x45
-                    and total == n
-                    and proto == 6
-                    and not frag & 0x3FFF
-                    and not flags & 7
-                    and 20 <= thl <= n - 20
-                ):
-                    flow = forward.get(key)
-                    if flow is not None:
-                        rw = flow.fwd
-                        buf = bytearray(payload)
-                        write_head(buf, 10, (ip_csum - rw.ip_delta) % 0xFFFF, rw.head)
-                        write_csum(buf, 36, (tcp_csum - rw.tcp_delta) % 0xFFFF)
-                        size = n - 20 - thl
-                        flow.last_seen = monotonic()
-                        flow.fwd_packets += 1
-                        flow.fwd_bytes += size
-                        counters.ingress_accepted += 1
-                        counters.bytes_rx += size
-                        pkt.set_payload(bytes(buf))
-                        pkt.accept()
-                        return
-                    flow = reverse.get(key)
-                    if flow is not None and key[4:8] not in plane._vip_addrs:
-                        rw = flow.ret
-                        buf = bytearray(payload)
-                        write_head(buf, 10, (ip_csum - rw.ip_delta) % 0xFFFF, rw.head)
-                        write_csum(buf, 36, (tcp_csum - rw.tcp_delta) % 0xFFFF)
-                        size = n - 20 - thl
-                        flow.last_seen = monotonic()
-                        flow.ret_packets += 1
-                        flow.ret_bytes += size
-                        counters.egress_accepted += 1
-                        counters.bytes_tx += size
-                        pkt.set_payload(bytes(buf))
-                        pkt.accept()
-                        return
-        except Exception:
-            plane.handler_errors += 1
-            with contextlib.suppress(Exception):
-                pkt.drop()
-            return
-        full_path(pkt, payload)
-
-    return on_packet
-
-
 def passthrough() -> tuple[Passthrough, bytes, bytes]:
     """A decision with one established flow, and a client data packet and a server data packet of it."""
     pt = Passthrough(
@@ -333,8 +242,6 @@ def rows() -> list[Row]:
         out.append(
             (scenario, "edge model", "f(k)", {"f": edge_model(decider.decide, decider.rst_out), "k": pkt})
         )
-        if isinstance(decider, Passthrough):
-            out.append((scenario, "fused copy (of 8af15a9)", "f(k)", {"f": fused_copy(decider), "k": pkt}))
         callback = _plane_callback(decider)
         if callback is not None:
             out.append((scenario, "plane callback", "f(k)", {"f": callback, "k": pkt}))
