@@ -188,6 +188,8 @@ class PassthroughPlane(PacketPlane[Passthrough]):
             return {}
         return {
             "ports_in_use": self.ports.in_use,
+            "port_pools": self.ports.pools,
+            "port_pools_freed": self.ports.pools_freed,
             "port_range": f"{self.ports.lo}-{self.ports.hi}",
             "source_addrs": [socket.inet_ntoa(a) for a in self.ports.source_addrs],
         }

@@ -139,6 +139,7 @@ class PortAllocator:
 
     @property
     def pools(self) -> int:
+        """Port pools held now (per source address, server address and port; freed when unused)."""
         return len(self._pools)
 
     def allocate(self, server_addr: bytes, server_port: int, now: float) -> tuple[bytes, int] | None:
@@ -253,6 +254,14 @@ class RoutedPorts:
     @property
     def in_use(self) -> int:
         return sum(a.in_use for a in self._by_source.values())
+
+    @property
+    def pools(self) -> int:
+        return sum(a.pools for a in self._by_source.values())
+
+    @property
+    def pools_freed(self) -> int:
+        return sum(a.pools_freed for a in self._by_source.values())
 
     def allocator(self, server_addr: bytes) -> PortAllocator:
         alloc = self._by_server.get(server_addr)

@@ -498,6 +498,7 @@ def test_500_concurrent_connections_complete(beds: Callable[..., Testbed], offlo
         assert doc["current_connections"] == n and open_flows(doc) == n
         if not offload:
             assert doc["packet"]["ports_in_use"] == n
+            assert 1 <= doc["packet"]["port_pools"] <= len(bed.servers)  # one per (source, server, port)
         result = finish(proc, 60)
     finally:
         if proc.poll() is None:
