@@ -2,7 +2,7 @@
 """Packet-path benchmark: kernel NAT, convey passthrough per packet and with flow offload, side by side (root only).
 
     sudo .venv/bin/python bench/packet.py [--quick] [--seconds N] [--rounds N] [--no-offload] [--no-dsr]
-                                          [--inline-verdicts] [--keep-time-wait] [--json FILE]
+                                          [--verdict-thread] [--keep-time-wait] [--json FILE]
 
 Builds a routed namespace test bed (testbed/: client -- lb -- two servers, all in 198.18.0.0/15; the host's own
 namespace is never touched) and measures, rows interleaved A/B/A/B (the order alternating every round), on the
@@ -15,8 +15,8 @@ same bed and the same servers:
 * **passthrough offload**: ``convey --passthrough --offload --install-rules`` (``[passthrough] offload = true``):
   only a connection's first packet reaches convey, conntrack NAT carries the rest. Skipped with ``--no-offload``
   (a kernel without conntrack), and skipped with convey's own message when it refuses to start. With
-  ``--inline-verdicts`` also the same with its verdicts sent by the loop itself
-  (``CONVEY_OFFLOAD_VERDICTS=inline``; see convey/dataplane/verdict_sender.py): what the verdict thread buys.
+  ``--verdict-thread`` also the same with its verdicts sent by a thread of their own
+  (``CONVEY_OFFLOAD_VERDICTS=thread``; see convey/dataplane/verdict_sender.py): what that thread buys.
 * **kernel forwarding** (full run only): plain routing, the client talks to the server directly: the ceiling.
 * **accept-only loop**: convey's per-packet rules with a tiny program bound to the queue that only accepts: the
   packets/s ceiling of any userspace verdict path (bench/lib's ``accept_only`` role).
@@ -84,8 +84,8 @@ KERNEL_NAT = "kernel NAT"
 ACCEPT_ONLY = "accept-only loop"
 PER_PACKET = "passthrough per-packet"
 OFFLOAD = "passthrough offload"
-OFFLOAD_INLINE = "offload, inline verdicts"
-ROW_ORDER = (KERNEL_FWD, KERNEL_NAT, ACCEPT_ONLY, PER_PACKET, OFFLOAD, OFFLOAD_INLINE)
+OFFLOAD_THREAD = "offload, verdict thread"
+ROW_ORDER = (KERNEL_FWD, KERNEL_NAT, ACCEPT_ONLY, PER_PACKET, OFFLOAD, OFFLOAD_THREAD)
 TARGETS = {l4.UP: 0.9, l4.DOWN: 0.9, l4.CONNS: 0.7}  # offload / kernel NAT, issue 8
 
 
@@ -238,16 +238,16 @@ class AcceptOnlyPath(DataPath):
 class ConveyPath(DataPath):
     """The real ``convey --passthrough [--offload] --install-rules`` process."""
 
-    def __init__(self, bed: Testbed, offload: bool = False, inline_verdicts: bool = False) -> None:
+    def __init__(self, bed: Testbed, offload: bool = False, verdict_thread: bool = False) -> None:
         super().__init__(bed)
         self.offload = offload
-        self.name = (OFFLOAD_INLINE if inline_verdicts else OFFLOAD) if offload else PER_PACKET
+        self.name = (OFFLOAD_THREAD if verdict_thread else OFFLOAD) if offload else PER_PACKET
         self.pps = not offload
         if offload:
             l4.flush_conntrack(bed.lb)
         name = "bench-offload" if offload else "bench-convey"
         try:
-            env = {"CONVEY_OFFLOAD_VERDICTS": "inline"} if inline_verdicts else None
+            env = {"CONVEY_OFFLOAD_VERDICTS": "thread"} if verdict_thread else None
             self.convey: Any = ConveyProcess(bed, config_text(bed, offload), name=name, extra_env=env).start()
         except ConveyProcessError as exc:
             if offload:
@@ -332,8 +332,8 @@ def bench(args: argparse.Namespace) -> Results:
             results.skipped[OFFLOAD] = "--no-offload"
         else:
             rows.append((OFFLOAD, lambda: ConveyPath(bed, offload=True)))
-            if args.inline_verdicts:
-                rows.append((OFFLOAD_INLINE, lambda: ConveyPath(bed, offload=True, inline_verdicts=True)))
+            if args.verdict_thread:
+                rows.append((OFFLOAD_THREAD, lambda: ConveyPath(bed, offload=True, verdict_thread=True)))
 
         def measure(row: l4.Row) -> None:
             assert isinstance(row, DataPath)
@@ -361,7 +361,7 @@ def report(results: Results) -> str:
         (OFFLOAD, KERNEL_NAT, "passthrough offload / kernel NAT:", True),
         (PER_PACKET, KERNEL_NAT, "passthrough per-packet / kernel NAT:", False),
         (OFFLOAD, PER_PACKET, "passthrough offload / per-packet:", False),
-        (OFFLOAD, OFFLOAD_INLINE, "offload, verdict thread / inline verdicts:", False),
+        (OFFLOAD_THREAD, OFFLOAD, "offload, verdict thread / inline:", False),
     ):
         line = l4.ratio_line(s, row, base, label, TARGETS if targets else None)
         if line:
@@ -392,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-offload", action="store_true", help="skip the offload rows (a kernel without conntrack)"
     )
-    parser.add_argument("--inline-verdicts", action="store_true",
-                        help="also an offload row with the verdicts sent inline (CONVEY_OFFLOAD_VERDICTS=inline)")  # fmt: skip
+    parser.add_argument("--verdict-thread", action="store_true",
+                        help="also an offload row with a verdict thread (CONVEY_OFFLOAD_VERDICTS=thread)")  # fmt: skip
     parser.add_argument("--keep-time-wait", action="store_true",
                         help="leave TIME_WAIT on the servers (see bench/lib/l4.py's no_time_wait)")  # fmt: skip
     parser.add_argument(

@@ -33,6 +33,7 @@ from convey.config import Address, Config, offloaded
 from convey.dataplane import rules
 from convey.dataplane.flow_accounting import Decider, FlowAccounting
 from convey.dataplane.nfqueue import Batch, QueueEdge, RawSender, open_queue, queue_counters
+from convey.dataplane.verdict_sender import threaded
 from convey.errors import ConveyError, StartupError
 from convey.modes import Mode
 
@@ -232,8 +233,9 @@ class PacketPlane(ABC, Generic[D]):
         self._raw = RawSender()
         batch = Batch()
         binding = config.dsr.queue_binding if self.mode == Mode.DSR else config.passthrough.queue_binding
-        # Offload planes give their verdicts from a sender thread: the binding must not drop what they leave.
-        verdicts_here = not offloaded(config, self.mode)
+        # Offload planes with a verdict thread (verdict_sender.threaded) give their verdicts from it: the binding
+        # must not drop what the callback leaves without one.
+        verdicts_here = not (offloaded(config, self.mode) and threaded())
         callback = self._callback(decider, batch)
         self._queue = open_queue(binding, self._queue_num(config), callback, batch, verdicts_here)
         self._queue.start()

@@ -60,9 +60,14 @@ def first_packets(doc: dict[str, Any]) -> int:
     return int(verdicts["ingress_accepted"] + verdicts["ingress_dropped"])
 
 
-def test_a_20mb_download_sends_at_most_3_packets_to_convey_and_stats_bytes_match(bed: Testbed) -> None:
+@pytest.mark.parametrize("verdicts", ["inline", "thread"])
+def test_a_20mb_download_sends_at_most_3_packets_to_convey_and_stats_bytes_match(
+    bed: Testbed, verdicts: str
+) -> None:
     start_servers(bed)
-    convey = ConveyProcess(bed, offload_config(bed)).start()
+    # "thread": the verdicts from a thread of their own (convey/dataplane/verdict_sender.py; off by default)
+    env = {"CONVEY_OFFLOAD_VERDICTS": verdicts}
+    convey = ConveyProcess(bed, offload_config(bed), extra_env=env).start()
     served_by(client(bed, "get", n=1)[0])  # warm: ARP, the health checks, the monitor
     before = convey.wait_stats(settled, 10, "the warm-up connection closed")
     queued_before = queued_packets(bed.lb)["convey frontend web"]
@@ -87,6 +92,13 @@ def test_a_20mb_download_sends_at_most_3_packets_to_convey_and_stats_bytes_match
     assert abs(tx - down["sent"]) <= max(0.01 * down["sent"], 0.001 * received), (tx, down["sent"])
     assert doc["total_connections"] == 2 and doc["offload"]["monitor"]["resyncs"] == 1  # the start's dump
     assert doc["offload"]["lost"] == 0 and doc["offload"]["unknown_mark"] == 0
+    sender = doc["offload"].get("verdicts")
+    if verdicts == "thread":
+        assert (
+            sender is not None and sender["verdicts_sent"] == first_packets(doc) and not sender["send_errors"]
+        )
+    else:
+        assert sender is None
     assert_clean(doc)
     stop_clean(convey)
 
