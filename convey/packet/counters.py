@@ -2,7 +2,9 @@
 
 Every packet given to a decision lands in exactly one verdict counter: passthrough ``ingress_accepted``,
 ``ingress_dropped`` (client -> VIP), ``return_accepted``, ``return_dropped`` (server -> balancer); DSR, which
-sees one direction only, ``accepted`` and ``dropped``. Every dropped packet also lands in exactly one reason
+sees one direction only, ``accepted`` and ``dropped``; passthrough's ICMP errors (``convey.packet.icmp``) land
+in ``icmp_translated``, ``icmp_unrelated`` or ``icmp_malformed`` instead (accepted, translated or as they came;
+a cut copy is dropped). Every dropped packet also lands in exactly one reason
 counter (``DROP_REASONS``), and a reason has the same name in both modes:
 
 - ``malformed``, ``fragment``, ``too_long``: ``ipv4.parse`` said ``Malformed`` (fragments and cut copies have
@@ -74,6 +76,10 @@ class PassthroughCounters:
     rst_queued: int = 0
     rst_overflow: int = 0
     callback_errors: int = 0
+    # ICMP errors (convey.packet.icmp): verdicts of their own, every one accepted (a cut copy dropped)
+    icmp_translated: int = 0
+    icmp_unrelated: int = 0
+    icmp_malformed: int = 0
 
     @property
     def rewrites(self) -> int:

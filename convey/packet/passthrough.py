@@ -39,6 +39,10 @@ Client packets:
   fast instead of retransmitting for minutes.
 - Not a VIP (``not_vip``: ``ingress`` was given a packet the config does not know): dropped, no RST.
 
+ICMP (queued by the ICMP error rules only): an error quoting a packet of a flow is translated for the other
+side and accepted, any other ICMP accepted unchanged (``convey.packet.icmp``, which counts it); never a change
+of flow state.
+
 Return packets: one whose (server, sport, LB addr, eport) is not a flow is dropped, counted ``wrong_server``
 when some flow uses that LB addr:eport (another server, or a stale server port) and ``unknown_return``
 otherwise; no RST. The first packet back from the server makes the flow ESTABLISHED.
@@ -54,6 +58,7 @@ from convey.packet.admission import RST_QUEUE_LIMIT, Admission, Chooser, queue_r
 from convey.packet.counters import PassthroughCounters, count_malformed
 from convey.packet.fastpath import NO_FLOWS, Packet, compile_passthrough
 from convey.packet.flows import FWD_PACKET, RET_SHIFT, Flow, FlowState, FlowTable, new_passthrough_flow
+from convey.packet.icmp import PROTO_ICMP, passthrough_translator
 from convey.packet.ipv4 import (
     ACK,
     FIN,
@@ -150,6 +155,7 @@ class Passthrough(Admission):
         self._forward = flows.forward
         self._reverse = flows.reverse
         counters = self.counters
+        self._icmp = passthrough_translator(flows.forward, flows.reverse, counters)
         self.decide = compile_passthrough(
             flows.forward, flows.reverse, counters, self._decide_full, self._decide_failed
         )
@@ -200,6 +206,8 @@ class Passthrough(Admission):
         buf = bytearray(payload)
         try:
             parsed = parse(buf)
+            if parsed == Malformed.NOT_TCP and buf[9] == PROTO_ICMP:
+                return self._icmp(buf)  # an ICMP error about a flow is translated; any ICMP accepted
             ingress = self._is_ingress(buf, parsed)
         except Exception:
             self._decide_failed(payload)

@@ -21,6 +21,7 @@ import pytest
 
 from convey.config import parse_config
 from convey.dataplane import rules
+from convey.dataplane.rules import ruleset
 from testbed.bed import Testbed
 from testbed.host import Host
 from testbed.httpd_proc import start_httpd
@@ -138,8 +139,14 @@ def test_install_then_remove_leaves_iptables_as_before(
     assert ours == [f":{rules.CHAIN} -", rules.JUMP_RULE, *expected_rules]
     prerouting = [line for line in after if line.startswith("-A PREROUTING ")]
     assert prerouting[0] == rules.JUMP_RULE  # first: nothing before it can divert our packets
+    # passthrough: the balancer's own ICMP errors, queued in raw OUTPUT (ruleset.OUTPUT_CHAIN)
+    output = ruleset.output_rules(parse_config(config.read_text()), mode)
+    output_jump = f"-A OUTPUT -m comment --comment convey -j {ruleset.OUTPUT_CHAIN}"
+    expected_output = [f":{ruleset.OUTPUT_CHAIN} -", output_jump, *output] if output else []
+    assert [line for line in after if ruleset.OUTPUT_CHAIN in line] == expected_output
+    assert (mode == "passthrough") == bool(output)
     others = [line for line in before if line.startswith("-A ")]
-    assert [line for line in after if line.startswith("-A ") and rules.CHAIN not in line] == others
+    assert [line for line in after if line.startswith("-A ") and "CONVEY-" not in line] == others
     assert call(lb, "present", config, mode) is True
     removed = call(lb, "remove", config)
     assert any("deleted raw chain" in line for line in removed)
@@ -156,7 +163,10 @@ def test_install_twice_is_idempotent_and_a_new_mode_replaces_the_old(routed_bed:
     call(lb, "install", passthrough, "passthrough")
     first = saved(lb)
     again = call(lb, "install", passthrough, "passthrough")
-    assert again == ["iptables: raw chain CONVEY-PREROUTING already installed (6 rules), unchanged"]
+    assert again == [
+        "iptables: raw chain CONVEY-PREROUTING already installed (12 rules), unchanged",
+        "iptables: raw chain CONVEY-OUTPUT already installed (6 rules), unchanged",
+    ]
     assert saved(lb) == first
     # a duplicated jump (someone loaded the rendered file by hand) is repaired to exactly one
     lb.run(

@@ -219,7 +219,8 @@ def test_switching_between_per_packet_and_offload_replaces_the_rule_set(routed_b
     assert lb.read_sysctl("net.ipv4.conf.all.accept_local") == "1"
     config = write(routed_bed, "passthrough", "offload.toml")
     lines = call(lb, "install", config, "passthrough")
-    assert "iptables: deleted raw chain CONVEY-PREROUTING (6 rules)" in lines
+    assert "iptables: deleted raw chain CONVEY-PREROUTING (12 rules)" in lines
+    assert "iptables: deleted raw chain CONVEY-OUTPUT (6 rules)" in lines  # per packet's own ICMP errors
     assert "sysctl net.ipv4.conf.all.accept_local: 1 -> 0" in lines
     assert sort(ours(lb)) == expected(config, "passthrough")
     assert call(lb, "problems", per_packet, "passthrough")  # the per-packet set is not in place any more

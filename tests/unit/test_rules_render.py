@@ -51,8 +51,11 @@ CT = "-j CT --notrack"
 Q7 = "-j NFQUEUE --queue-num 7 --queue-bypass"
 
 
-def chain_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith(f"-A {rules.CHAIN} ")]
+OUTPUT = "CONVEY-OUTPUT"
+
+
+def chain_lines(text: str, chain: str = rules.CHAIN) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(f"-A {chain} ")]
 
 
 def test_passthrough_render_holds_the_frontend_and_return_rules() -> None:
@@ -75,9 +78,38 @@ def test_passthrough_render_holds_the_frontend_and_return_rules() -> None:
         f'{two} -m comment --comment "convey server web_servers/two" {Q7}',
         f'{three} -m comment --comment "convey server api_servers/three" {CT}',
         f'{three} -m comment --comment "convey server api_servers/three" {Q7}',
+        *icmp_rules("! -i lo"),
     ]
     assert chain_lines(text) == [f"-A {rules.CHAIN} {rule}" for rule in expected]
+    assert chain_lines(text, OUTPUT) == [f"-A {OUTPUT} {rule}" for rule in icmp_rules("-o lo")]
     assert "198.18.9.9" not in text  # a backend no frontend uses gets no rules
+
+
+def icmp_rules(iface: str, dests: tuple[str, ...] = ("198.18.0.1",), local: bool = True) -> list[str]:
+    """Passthrough's ICMP error rules: per VIP (and source address), then any local address without
+    ``source_addrs``; types 3 (with fragmentation needed), 11 and 12; no CT --notrack."""
+    found = []
+    for dest in (*dests, *(["the balancer"] if local else [])):
+        match = f"-d {dest}/32 {iface}" if dest != "the balancer" else iface
+        for kind in (3, 11, 12):
+            extra = " -m addrtype --dst-type LOCAL" if dest == "the balancer" else ""
+            comment = f'-m comment --comment "convey icmp errors to {dest}"'
+            found.append(f"{match} -p icmp -m icmp --icmp-type {kind}{extra} {comment} {Q7}")
+    return found
+
+
+def test_icmp_errors_follow_the_source_addrs() -> None:
+    text = PASSTHROUGH.replace(
+        "queue_num = 7\n", 'queue_num = 7\nsource_addrs = ["198.18.1.1", "198.18.0.1"]\n', 1
+    )
+    rendered = rules.render(parse_config(text), "passthrough")
+    icmp = [line for line in chain_lines(rendered) if "-p icmp" in line]
+    assert icmp == [
+        f"-A {rules.CHAIN} {r}" for r in icmp_rules("! -i lo", ("198.18.0.1", "198.18.1.1"), False)
+    ]
+    assert chain_lines(rendered, OUTPUT) == [
+        f"-A {OUTPUT} {r}" for r in icmp_rules("-o lo", ("198.18.0.1", "198.18.1.1"), False)
+    ]
 
 
 def test_render_touches_only_our_chain_and_one_jump() -> None:
@@ -85,14 +117,23 @@ def test_render_touches_only_our_chain_and_one_jump() -> None:
     lines = text.splitlines()
     assert lines[0] == "*raw"
     assert lines[1] == f":{rules.CHAIN} - [0:0]"
+    assert lines[2] == f":{OUTPUT} - [0:0]"  # passthrough: the balancer's own ICMP errors
     assert lines[-1] == "COMMIT"
-    other = [line for line in lines[2:-1] if not line.startswith(f"-A {rules.CHAIN} ")]
-    assert other == [f"-I PREROUTING 1 -m comment --comment convey -j {rules.CHAIN}"]
+    other = [line for line in lines[3:-1] if not line.startswith((f"-A {rules.CHAIN} ", f"-A {OUTPUT} "))]
+    assert other == [
+        f"-I PREROUTING 1 -m comment --comment convey -j {rules.CHAIN}",
+        f"-I OUTPUT 1 -m comment --comment convey -j {OUTPUT}",
+    ]
     assert text.endswith("COMMIT\n")
+    dsr = rules.render(parse_config(PASSTHROUGH), "dsr")
+    assert OUTPUT not in dsr and "icmp" not in dsr
 
 
 def test_ct_notrack_comes_before_the_queue_for_every_match() -> None:
     lines = chain_lines(rules.render(parse_config(PASSTHROUGH), "passthrough"))
+    icmp = [line for line in lines if "-p icmp" in line]  # queued as conntrack sees them (ruleset's doc)
+    assert icmp and all(line.endswith(Q7) for line in icmp)
+    lines = [line for line in lines if line not in icmp]
     for notrack, queue in zip(lines[::2], lines[1::2], strict=True):
         assert notrack.endswith(CT)
         assert queue.endswith(Q7)

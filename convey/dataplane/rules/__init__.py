@@ -84,7 +84,7 @@ def _wanted(config: Config, mode: Mode, plan: OffloadPlan | None) -> dict[offloa
     """The rules of each chain ``mode`` uses (validates the VIPs): offload's chains or the per-packet one."""
     if offloaded(config, mode):
         return offload.chains(config, mode, plan)
-    return {(TABLE, CHAIN): chain_rules(config, mode)}
+    return ruleset.chains(config, mode)
 
 
 def _labels(config: Config, mode: Mode) -> tuple[str, str]:

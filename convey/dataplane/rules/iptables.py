@@ -1,6 +1,7 @@
 """Loading the rule set into the kernel and reading it back: ``iptables-restore --noflush`` and ``iptables-save``.
 
-Only our chains (``offload.HOOKS``: ``CONVEY-PREROUTING`` in raw, mangle and nat, ``CONVEY-POSTROUTING`` in nat)
+Only our chains (``offload.HOOKS``: ``CONVEY-PREROUTING`` in raw, mangle and nat, ``CONVEY-POSTROUTING`` in nat,
+``CONVEY-OUTPUT`` in raw)
 and one jump rule to each are ever written, all tables in one ``iptables-restore`` input (each table's part is
 committed atomically); an nft dump is never used (iptables-nft rules cannot be
 loaded back from one). See ``iptables/README.md`` for the why. Every failure of the tools is a

@@ -26,6 +26,8 @@ from convey.dataplane.rules.ruleset import (
     IP_FORWARD,
     LOCAL_RULE_PREF,
     MARK_RULE_PREF,
+    OUTPUT_CHAIN,
+    OUTPUT_HOOK,
     RESERVED_PORTS,
     RulesError,
     _comment,
@@ -46,6 +48,7 @@ HOOKS: dict[ChainKey, str] = {
     ("mangle", PREROUTING_CHAIN): "PREROUTING",
     ("nat", PREROUTING_CHAIN): "PREROUTING",
     ("nat", POSTROUTING_CHAIN): "POSTROUTING",
+    ("raw", OUTPUT_CHAIN): OUTPUT_HOOK,  # per-packet passthrough: the balancer's own ICMP errors
 }
 """Every chain convey may own, with the built-in chain that jumps to it (install and remove walk them all)."""
 

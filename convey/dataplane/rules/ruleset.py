@@ -4,7 +4,14 @@ All iptables rules live in one chain of the ``raw`` table, :data:`CHAIN`, jumped
 exactly one rule carrying the comment ``convey``. For each frontend the chain holds ``-j CT --notrack`` (keep
 conntrack out of the path) and then ``-j NFQUEUE --queue-num Q`` (hand the packet to convey; passthrough adds
 ``--queue-bypass`` to let it through when convey is not running, DSR drops it then); in passthrough mode the
-same pair also catches the servers' replies to the ephemeral port range.
+same pair also catches the servers' replies to the ephemeral port range, and ICMP errors (types 3, 11, 12)
+addressed to the VIPs or the balancer's source addresses from outside; ICMP errors the balancer's own kernel
+sends to those addresses (forwarding a packet too big for the next link) never pass PREROUTING on the way to
+``lo`` with a new route, so a second chain, :data:`OUTPUT_CHAIN` in ``raw OUTPUT``, queues them (the queue
+routes a ``LOCAL_OUT`` packet again when its verdict changed the addresses). Both are rendered by
+:func:`chains` (convey.packet.icmp translates them). The ICMP rules queue without ``CT --notrack``: an error
+about one of convey's untracked flows finds no conntrack entry either way, and one about the balancer's own
+connections (health checks, an SSH session) stays RELATED for a stateful firewall, as without convey.
 
 DSR ``rewrite = "mac"`` marks: one fwmark and one route table per distinct server address
 (:func:`mark_plan`), which :mod:`convey.dataplane.rules.routing` turns into ip rules and routes and the data
@@ -28,6 +35,10 @@ CHAIN = "CONVEY-PREROUTING"
 HOOK = "PREROUTING"
 JUMP_COMMENT = "convey"
 JUMP_RULE = f"-A {HOOK} -m comment --comment {JUMP_COMMENT} -j {CHAIN}"
+OUTPUT_CHAIN = "CONVEY-OUTPUT"  # passthrough: ICMP errors from the balancer's own kernel
+OUTPUT_HOOK = "OUTPUT"
+# ICMP errors: destination unreachable (fragmentation needed too), time exceeded, parameter problem
+ICMP_ERRORS = (3, 11, 12)
 
 MARK_RULE_PREF = 100  # our fwmark rules
 LOCAL_RULE_PREF = 101  # where the `local` rule goes when it was at pref 0
@@ -104,7 +115,42 @@ def chain_rules(config: Config, mode: str) -> list[str]:
     if mode == Mode.PASSTHROUGH:
         for match, comment in _return_matches(config):
             pair(match, comment)
+        # ICMP errors: queued without CT --notrack (see the module doc); from lo: OUTPUT_CHAIN had them
+        rules += [f"-A {CHAIN} {m} {_comment(c)} {queue}" for m, c in _icmp_matches(config, "! -i lo")]
     return rules
+
+
+def output_rules(config: Config, mode: str) -> list[str]:
+    """The rules of :data:`OUTPUT_CHAIN` (passthrough only, else empty): ICMP errors the balancer's own kernel
+    sends to a VIP or to its source addresses, which go out through ``lo``."""
+    if packet_mode(mode) != Mode.PASSTHROUGH:
+        return []
+    queue = f"-j NFQUEUE --queue-num {_queue_num(config, Mode.PASSTHROUGH)} --queue-bypass"
+    return [f"-A {OUTPUT_CHAIN} {m} {_comment(c)} {queue}" for m, c in _icmp_matches(config, "-o lo")]
+
+
+def chains(config: Config, mode: str) -> dict[tuple[str, str], list[str]]:
+    """The per-packet rule set by (table, chain): :data:`CHAIN`, and :data:`OUTPUT_CHAIN` in passthrough."""
+    found = {(TABLE, CHAIN): chain_rules(config, mode)}
+    output = output_rules(config, mode)
+    if output:
+        found[(TABLE, OUTPUT_CHAIN)] = output
+    return found
+
+
+def _icmp_matches(config: Config, iface: str) -> list[tuple[str, str]]:
+    """Passthrough: ICMP errors to each VIP and to the balancer's source addresses (any local address when
+    ``source_addrs`` is unset, as the return rules), on ``iface`` (``! -i lo`` or ``-o lo``)."""
+    hosts = [f.listen_addr.host for f in config.frontends.values()] + list(config.passthrough.source_addrs)
+    dests = [f"-d {host}/32" for host in dict.fromkeys(hosts)]
+    local = "" if config.passthrough.source_addrs else " -m addrtype --dst-type LOCAL"
+    matches = []
+    for dest in [*dests, *([""] if local else [])]:
+        target = dest.removeprefix("-d ").removesuffix("/32") if dest else "the balancer"
+        for kind in ICMP_ERRORS:
+            match = f"{dest} {iface} -p icmp -m icmp --icmp-type {kind}{local if not dest else ''}".strip()
+            matches.append((match, f"convey icmp errors to {target}"))
+    return matches
 
 
 def _return_matches(config: Config) -> list[tuple[str, str]]:
@@ -130,18 +176,24 @@ def _return_matches(config: Config) -> list[tuple[str, str]]:
 
 
 def render(config: Config, mode: str) -> str:
-    """The rule set as ``iptables-restore --noflush`` input that touches only our chain and our jump rule.
+    """The rule set as ``iptables-restore --noflush`` input that touches only our chains and our jump rules.
 
-    Loading it declares (and so empties) :data:`CHAIN`, fills it, and inserts the jump at the top of
-    PREROUTING; to load it again, remove the jump first (or use ``rules.install``, which keeps exactly one).
+    Loading it declares (and so empties) :data:`CHAIN` (and in passthrough :data:`OUTPUT_CHAIN`), fills them,
+    and inserts the jumps at the top of PREROUTING (and OUTPUT); to load it again, remove the jumps first (or
+    use ``rules.install``, which keeps exactly one each).
     """
     rules = chain_rules(config, mode)
+    output = output_rules(config, mode)
     lines = [
         f"*{TABLE}",
         f":{CHAIN} - [0:0]",
+        *([f":{OUTPUT_CHAIN} - [0:0]"] if output else []),
         *rules,
+        *output,
         JUMP_RULE.replace("-A ", "-I ", 1).replace(HOOK, f"{HOOK} 1", 1),
     ]
+    if output:
+        lines.append(f"-I {OUTPUT_HOOK} 1 -m comment --comment {JUMP_COMMENT} -j {OUTPUT_CHAIN}")
     return "\n".join([*lines, "COMMIT", ""])
 
 
