@@ -16,6 +16,8 @@ Modules, from the bottom up:
 - ``host``: ``Host``, one namespace: run commands and Python in it, sockets from it, sysctls, pyroute2.
 - ``bed``: ``Testbed``, the ``routed`` and ``l2`` topologies, and their teardown (also at interpreter exit).
 - ``httpd`` (``python -m testbed.httpd``, standard library only) and ``httpd_proc`` (``start_httpd`` in a host).
+- ``conn_load`` (``python -m testbed.conn_load soak|mixed``): one asyncio process holding thousands of connections
+  to httpd servers, each exchange checked by sha256 (the robustness tests' soak and faults-under-load clients).
 - ``convey_proc``: ``ConveyProcess``, the real ``convey`` in the balancer's namespace, /stats polled.
 - ``dsr``: DSR servers prepared with scripts/setup-dsr-backend.sh, the return router, the DSR demo.
 

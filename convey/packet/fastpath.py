@@ -100,8 +100,9 @@ def _compile(
                 ):
                     flow = forward_get(key)
                     # A DSR flow still EMBRYONIC (0) takes the full path, which establishes it; passthrough
-                    # establishes a flow on its first return packet, so here any state will do.
-                    if flow is not None and (pt is not None or flow.state):
+                    # establishes a flow on its first return packet, so here EMBRYONIC will do. CLOSING (2)
+                    # flows take the full path: after a RST, a packet shows whether the connection lives on.
+                    if flow is not None and flow.state != 2 and (pt is not None or flow.state):
                         size = n - 20 - thl
                         flow.last_seen = now
                         flow.count += fwd_counts[size]
@@ -120,7 +121,7 @@ def _compile(
                         write_csum(buf, 36, (tcp_csum - flow.tcp_delta) % 0xFFFF)
                         return bytes(buf)
                     flow = reverse_get(key)
-                    if flow is not None and flow.state and pt is not None:  # EMBRYONIC: the full path
+                    if flow is not None and flow.state == 1 and pt is not None:  # else: the full path
                         size = n - 20 - thl
                         flow.last_seen = now
                         flow.count += ret_counts[size]

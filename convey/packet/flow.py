@@ -86,7 +86,7 @@ _SEQS = 12  # where the client's direction starts in the forward head; the serve
 NO_WSCALE = 15
 
 # Flags in a flow's ``meta``
-_FIN_FWD, _FIN_RET, _IN_TABLE, _NAT = 1, 2, 4, 8
+_FIN_FWD, _FIN_RET, _IN_TABLE, _NAT, _RST = 1, 2, 4, 8, 16
 _UNKNOWN = _SEQ.pack(0, 0, 0) * 2
 _METAS: dict[tuple[str, str, int], tuple[str, str, int]] = {}
 
@@ -266,6 +266,16 @@ class Flow:
     @fin_ret.setter
     def fin_ret(self, on: bool) -> None:
         self._set_flag(_FIN_RET, on)
+
+    @property
+    def rst_closed(self) -> bool:
+        """CLOSING because of a RST (in the window, but maybe forged and ignored by its endpoint): a later packet
+        that is no RST and no SYN shows the connection alive, and the flow is ESTABLISHED again."""
+        return self._flag(_RST)
+
+    @rst_closed.setter
+    def rst_closed(self, on: bool) -> None:
+        self._set_flag(_RST, on)
 
     @property
     def in_table(self) -> bool:

@@ -147,6 +147,13 @@ class FlowTable:
         if flow.state == FlowState.EMBRYONIC:
             flow.state = FlowState.ESTABLISHED
 
+    def reopen(self, flow: Flow) -> None:
+        """CLOSING by a RST -> ESTABLISHED: a packet after the RST showed the connection alive. The timeout only
+        grows, so the pending entry stays valid (it is early)."""
+        if flow.state == FlowState.CLOSING and flow.rst_closed:
+            flow.rst_closed = False
+            flow.state = FlowState.ESTABLISHED
+
     def close(self, flow: Flow, now: float) -> None:
         """Start the linger: the flow is removed ``linger`` seconds after its last packet."""
         if flow.state == FlowState.CLOSING:

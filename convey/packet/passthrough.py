@@ -253,7 +253,14 @@ class Passthrough(Admission):
                     counters.rst_out_of_window += 1
                     counters.ingress_dropped += 1
                     return DROP
-                if flags & _SYN_ETC == SYN and flow.state == _CLOSING and new_connection(flow, parsed.seq):
+                # only after a FIN close: a RST may have been forged (in the window by luck) and ignored
+                if (
+                    flags & _SYN_ETC == SYN
+                    and flow.state == _CLOSING
+                    and flow.fin_fwd
+                    and flow.fin_ret
+                    and new_connection(flow, parsed.seq)
+                ):
                     self.flows.remove(flow)  # the client reuses its port for a new connection
                     self._closed(flow, now)
                     flow = None
@@ -267,13 +274,18 @@ class Passthrough(Admission):
             flow.last_seen = now
             flow.count += size + FWD_PACKET
             if flags & RST:
+                if flow.state != _CLOSING:
+                    flow.rst_closed = True
                 self.flows.close(flow, now)
             elif flags & SYN:
                 pass  # a SYN never changes an existing flow (a retransmission, or the server decides)
-            elif flags & FIN:
-                flow.fin_fwd = True
-                if flow.fin_ret:
-                    self.flows.close(flow, now)
+            else:
+                if flow.state == _CLOSING and flow.rst_closed:
+                    self.flows.reopen(flow)  # the client goes on after "its" RST: it was not the client's
+                if flags & FIN:
+                    flow.fin_fwd = True
+                    if flow.fin_ret:
+                        self.flows.close(flow, now)
             if parsed.ihl != 20:
                 counters.ip_options += 1
             counters.ingress_accepted += 1
@@ -346,8 +358,12 @@ class Passthrough(Admission):
             flow.last_seen = now
             flow.count += (size + FWD_PACKET) << RET_SHIFT
             if flags & RST:
+                if flow.state != _CLOSING:
+                    flow.rst_closed = True
                 self.flows.close(flow, now)
             else:
+                if flow.state == _CLOSING and flow.rst_closed and not flags & SYN:
+                    self.flows.reopen(flow)  # the server goes on after a RST: a forged one it ignored
                 self.flows.establish(flow)
                 if flags & FIN and not flags & SYN:
                     flow.fin_ret = True

@@ -17,10 +17,12 @@ A RST from the server before its SYN-ACK (the server refuses the connection) car
 client could check; the client accepts it when it acknowledges the SYN (RFC 9293, SYN-SENT), and so does this
 check. A flow whose server's SYN-ACK never passed (established by another packet) accepts every RST, as before. A RST outside the window is dropped and counted (``rst_out_of_window``): the endpoint would ignore it.
 
-A SYN on a closing flow (the client reuses its port during the linger) replaces it only when its sequence
-number lies beyond everything the old connection sent, as the kernel accepts a SYN for a connection in
-TIME_WAIT; any other SYN (a retransmission, a forged SYN, SYN|FIN, SYN|RST) is forwarded without changing the
-flow (or, with RST, checked as a RST first).
+A SYN on a flow closed by FINs both ways (the client reuses its port during the linger) replaces it only when
+its sequence number lies beyond everything the old connection sent, as the kernel accepts a SYN for a connection
+in TIME_WAIT; any other SYN (a retransmission, a forged SYN, SYN|FIN, SYN|RST, any SYN on a flow a RST closed) is
+forwarded without changing the flow (or, with RST, checked as a RST first). A RST in the window may be a lucky
+forgery its endpoint ignores, so a flow a RST closed is ESTABLISHED again at the next packet that is neither
+(``FlowTable.reopen``; the passthrough decision does it).
 """
 
 from __future__ import annotations

@@ -547,7 +547,10 @@ def test_killed_server_is_taken_out_and_new_connections_succeed(
             load.kill()
     before = [r for r in results if r["start"] < taken_out_at]
     after = [r for r in results if r["start"] > taken_out_at]
-    assert {served_by(r)[0] for r in before if r["error"] is None} == {"server0", "server1"}
+    # before the take-out a request may fail in any way the kill allows: an error, or the server's kernel closing
+    # the connection (FIN) after the request was read and before any answer (no error, nothing received)
+    answered = [r for r in before if r["error"] is None and r["received"] > 0]
+    assert {served_by(r)[0] for r in answered} == {"server0", "server1"}
     assert len(after) >= 30
     assert [served_by(r)[0] for r in after] == ["server0"] * len(after)  # every one succeeded, on server0
     doc = convey.wait_stats(settled, 10, "flows closed")

@@ -293,7 +293,8 @@ def test_client_reset_closes_too() -> None:
 def test_syn_on_a_closing_flow_starts_a_new_flow() -> None:
     env = Env(healthy=("web1", "web2"))
     old = env.connect()
-    env.pt.ingress(packet(CLIENT, VIP, 40001, 80, "RA", 1001, 5001), 2.0)
+    env.pt.ingress(packet(CLIENT, VIP, 40001, 80, "FA", 1001, 5001), 2.0)
+    env.pt.ret(packet(S1, LB, 8080, EPORT, "FA", 5001, 1002), 2.0)  # closed by FINs both ways
     syn = packet(CLIENT, VIP, 40001, 80, "S", 9000)
     assert env.pt.ingress(syn, 2.5) == ACCEPT
     assert env.closed == [old] and len(env.opened) == 2

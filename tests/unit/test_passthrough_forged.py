@@ -138,8 +138,9 @@ def test_a_new_connection_on_a_closing_flow_needs_a_sequence_number_beyond_the_o
     env = Env()
     old = env.connect()
     data(env, size=500)
-    env.pt.ingress(tcp_packet(CLIENT, VIP, 40001, 80, "RA", C_ISN + 501, S_ISN + 501), 3.0)
-    assert old.state == FlowState.CLOSING
+    env.pt.ingress(tcp_packet(CLIENT, VIP, 40001, 80, "FA", C_ISN + 501, S_ISN + 501), 3.0)
+    env.pt.ret(tcp_packet(S1, LB, 8080, EPORT, "FA", S_ISN + 501, C_ISN + 502), 3.0)
+    assert old.state == FlowState.CLOSING  # a FIN close: only that lets a SYN replace the flow
     inside = tcp_packet(CLIENT, VIP, 40001, 80, "S", C_ISN + 100)  # inside the old sequence space
     assert env.pt.ingress(inside, 3.1) == ACCEPT and len(env.opened) == 1
     behind = tcp_packet(CLIENT, VIP, 40001, 80, "S", (C_ISN - 5000) % 2**32)
@@ -148,6 +149,34 @@ def test_a_new_connection_on_a_closing_flow_needs_a_sequence_number_beyond_the_o
     assert env.pt.ingress(new, 3.2) == ACCEPT
     assert len(env.opened) == 2 and env.closed == [old]
     assert check(new)[TCP].sport == env.opened[1].eport
+
+
+def test_a_reset_in_the_window_then_a_new_syn_cannot_replace_a_live_flow() -> None:
+    """Found by the hostile-traffic test: ~1.6% of blind RSTs fall inside the (conservative) window; one of those
+    and a SYN with a sequence number ahead of the old ones used to replace the flow, breaking the download."""
+    env = Env()
+    flow = env.connect()
+    data(env, size=500)
+    env.pt.ingress(tcp_packet(CLIENT, VIP, 40001, 80, "R", C_ISN + 300), 3.0)  # in the window, not exact
+    assert flow.state == FlowState.CLOSING and flow.rst_closed
+    syn = tcp_packet(CLIENT, VIP, 40001, 80, "S", C_ISN + 100_000)  # beyond everything the flow sent
+    assert env.pt.ingress(syn, 3.0) == ACCEPT
+    assert env.flows.forward[flow.fwd_key] is flow and len(env.opened) == 1 and env.closed == []
+    assert check(syn)[TCP].sport == EPORT  # forwarded through the flow, unchanged
+    # the server ignored the RST (RFC 5961) and goes on: the flow is ESTABLISHED again and does not linger out
+    assert env.pt.ret(tcp_packet(S1, LB, 8080, EPORT, "A", S_ISN + 501, C_ISN + 501), 3.1) == ACCEPT
+    assert flow.state == FlowState.ESTABLISHED and not flow.rst_closed
+    env.pt.expire(60.0)
+    assert env.closed == [] and env.flows.forward[flow.fwd_key] is flow
+    # the client's side too: a RST then the client's own data
+    env.pt.ingress(tcp_packet(CLIENT, VIP, 40001, 80, "R", C_ISN + 400), 61.0)
+    assert flow.state == FlowState.CLOSING
+    data(env, size=10, now=61.1)
+    assert flow.state == FlowState.ESTABLISHED
+    # a RST nobody contradicts still closes after the linger
+    env.pt.ingress(tcp_packet(CLIENT, VIP, 40001, 80, "R", C_ISN + 501), 62.0)
+    env.pt.expire(70.0)
+    assert env.closed == [flow]
 
 
 def test_a_syn_on_an_established_flow_changes_nothing() -> None:
