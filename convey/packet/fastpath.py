@@ -102,7 +102,7 @@ def _compile(
                     # A DSR flow still EMBRYONIC (0) takes the full path, which establishes it; passthrough
                     # establishes a flow on its first return packet, so here EMBRYONIC will do. CLOSING (2)
                     # flows take the full path: after a RST, a packet shows whether the connection lives on.
-                    if flow is not None and flow.state != 2 and (pt is not None or flow.state):
+                    if flow is not None and ((state := flow.state) == 1 or (pt is not None and not state)):
                         size = n - 20 - thl
                         flow.last_seen = now
                         flow.count += fwd_counts[size]
