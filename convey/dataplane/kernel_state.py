@@ -255,10 +255,21 @@ class StateFile:
             raise StateFileError(f"cannot write convey state {self.path}: {exc.strerror or exc}") from None
 
     def remove(self) -> None:
+        """Remove the record, and the directories below :data:`STATE_ROOT` (included) that it leaves empty."""
         try:
             self.path.unlink(missing_ok=True)
         except OSError as exc:
             raise StateFileError(f"cannot remove convey state {self.path}: {exc.strerror or exc}") from None
+        root = STATE_ROOT
+        for parent in self.path.parents:
+            if parent != root and root not in parent.parents:
+                break  # not a directory of convey's state root: leave it
+            try:
+                parent.rmdir()
+            except OSError:
+                break  # not empty (another record), or already gone
+            if parent == root:
+                break
 
 
 # -- netlink -------------------------------------------------------------------------------------------------

@@ -141,6 +141,24 @@ def test_state_file_of_a_tool_lives_below_the_state_root(
     assert kernel_state.StateFile.here(tmp_path / "x", tool="backend-nat").path.parent == tmp_path / "x"
 
 
+def test_removing_the_last_record_removes_the_empty_state_directories(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    root = tmp_path / "convey"
+    monkeypatch.setattr(kernel_state, "STATE_ROOT", root)
+    tool, plain = kernel_state.StateFile.here(tool="backend-nat"), kernel_state.StateFile.here()
+    tool.save({})
+    plain.save({})
+    tool.remove()
+    assert not (root / "backend-nat").exists() and root.is_dir()  # the other record keeps the root
+    plain.remove()
+    assert not root.exists() and tmp_path.is_dir()  # nothing above the root is touched
+    elsewhere = kernel_state.StateFile.here(tmp_path / "x")
+    elsewhere.save({})
+    elsewhere.remove()
+    assert (tmp_path / "x").is_dir()  # a directory given by the caller stays
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [("{not json", "cannot read convey state"), (json.dumps({"version": 99}), "has an unknown format")],
