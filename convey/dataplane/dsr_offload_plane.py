@@ -39,12 +39,9 @@ from convey.dataplane.nfqueue import Batch
 from convey.dataplane.offload_accounting import OffloadAccounting
 from convey.dataplane.rules.offload import OffloadPlan, offload_plan
 from convey.dataplane.verdict_sender import (
-    NF_ACCEPT,
-    NF_DROP,
     VerdictSender,
     queue_fd,
     threaded,
-    verdict_message,
 )
 from convey.errors import StartupError
 from convey.modes import Mode, Rewrite
@@ -102,7 +99,7 @@ class DsrOffloadPlane(DsrPlane):
             raise StartupError(f"conntrack events: {exc}") from None
         assert self._queue is not None
         if threaded():
-            self._verdicts = VerdictSender(queue_fd(self._queue))
+            self._verdicts = VerdictSender(queue_fd(self._queue), self._queue.queue_num)
 
     async def stop(self, timeout: float) -> None:
         if self._verdicts is not None:
@@ -187,8 +184,6 @@ class DsrOffloadPlane(DsrPlane):
         send_resets = self._send_resets
         monotonic = time.monotonic
         plane = self
-        queue_num = self._queue_num(self.config) if self.config is not None else 0
-        message = verdict_message
 
         def on_packet(pkt: Any) -> None:
             left = batch.left - 1
@@ -202,11 +197,11 @@ class DsrOffloadPlane(DsrPlane):
                 # with a sender, the kernel carries the packet on in another thread (see verdict_sender)
                 if sender is not None:
                     if out is None:
-                        sender.put(message(queue_num, pkt.id, NF_DROP))
+                        sender.drop(pkt.id)
                     elif isinstance(out, int):
-                        sender.put(message(queue_num, pkt.id, NF_ACCEPT, out or None))
+                        sender.accept(pkt.id, out or None)
                     else:
-                        sender.put(message(queue_num, pkt.id, NF_ACCEPT, plane.handed or None, out))
+                        sender.accept(pkt.id, plane.handed or None, out)
                 elif out is None:
                     pkt.drop()
                 elif out.__class__ is int:  # mac: accept unchanged with the server's fwmark

@@ -37,12 +37,9 @@ from convey.dataplane.plane import PacketPlane
 from convey.dataplane.rules.offload import OffloadPlan, offload_plan
 from convey.dataplane.rules.offload_kernel import require_kernel
 from convey.dataplane.verdict_sender import (
-    NF_ACCEPT,
-    NF_DROP,
     VerdictSender,
     queue_fd,
     threaded,
-    verdict_message,
 )
 from convey.modes import Mode
 from convey.packet.offload import OffloadDecision
@@ -75,7 +72,7 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
         await super()._start(config)
         assert self._queue is not None
         if threaded():
-            self._verdicts = VerdictSender(queue_fd(self._queue))
+            self._verdicts = VerdictSender(queue_fd(self._queue), self._queue.queue_num)
 
     async def stop(self, timeout: float) -> None:
         if self._verdicts is not None:
@@ -127,9 +124,6 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
         monotonic = time.monotonic
         plane = self
 
-        queue_num = self._queue_num(self.config) if self.config is not None else 0
-        message = verdict_message
-
         def on_packet(pkt: Any) -> None:
             left = batch.left - 1
             batch.left = left
@@ -138,11 +132,11 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
             try:
                 mark = decide(pkt.get_payload(), monotonic())
                 sender = plane._verdicts
-                if sender is not None:
+                if sender is not None:  # the kernel carries the packet on in another thread (verdict_sender)
                     if mark is None:
-                        sender.put(message(queue_num, pkt.id, NF_DROP))
+                        sender.drop(pkt.id)
                     else:
-                        sender.put(message(queue_num, pkt.id, NF_ACCEPT, mark))
+                        sender.accept(pkt.id, mark)
                 elif mark is None:
                     pkt.drop()
                 else:

@@ -91,7 +91,8 @@ def queue_fd(binding: Any) -> int:
 class VerdictSender:
     """``put(message)`` from the loop; a daemon thread sends what has gathered, in one ``send`` per burst."""
 
-    def __init__(self, queue_fd: int, name: str = "verdicts") -> None:
+    def __init__(self, queue_fd: int, queue_num: int = 0, name: str = "verdicts") -> None:
+        self.queue_num = queue_num
         # A duplicate descriptor, written with os.write: it shares the file's flags (O_NONBLOCK) with the
         # reader's, so nothing here may change them. A netlink write to the kernel never waits.
         self._fd = os.dup(queue_fd)
@@ -102,6 +103,13 @@ class VerdictSender:
         self.errors: dict[str, int] = {}
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+
+    def accept(self, packet_id: int, mark: int | None = None, payload: bytes | None = None) -> None:
+        """Queue an accept of ``packet_id``, with its new mark and contents if given."""
+        self.put(verdict_message(self.queue_num, packet_id, NF_ACCEPT, mark, payload))
+
+    def drop(self, packet_id: int) -> None:
+        self.put(verdict_message(self.queue_num, packet_id, NF_DROP))
 
     def _run(self) -> None:
         get, get_nowait, write, fd = self._pending.get, self._pending.get_nowait, os.write, self._fd

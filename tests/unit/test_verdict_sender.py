@@ -74,9 +74,10 @@ def test_the_thread_writes_every_verdict_in_order_and_flushes_at_close() -> None
     # a socketpair stands for the queue's netlink socket: each write is one datagram
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
-        sender = VerdictSender(ours.fileno())
-        for i in range(300):
-            sender.put(verdict_message(1, i, NF_ACCEPT, i))
+        sender = VerdictSender(ours.fileno(), queue_num=1)
+        for i in range(299):
+            sender.accept(i, i)
+        sender.drop(299)
         sender.close()
         theirs.setblocking(False)
         got: list[dict[str, object]] = []
@@ -88,6 +89,8 @@ def test_the_thread_writes_every_verdict_in_order_and_flushes_at_close() -> None
                 break
             datagrams += 1
         assert [m["id"] for m in got] == list(range(300))
+        assert got[5] == {"queue": 1, "verdict": NF_ACCEPT, "id": 5, "mark": 5}
+        assert got[299] == {"queue": 1, "verdict": NF_DROP, "id": 299}
         assert sender.sent == 300 and sender.sends == datagrams and not sender.errors
         assert os.get_blocking(ours.fileno())  # the sender changed no flag of the shared file
     finally:
