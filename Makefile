@@ -7,17 +7,19 @@ CONFIG ?= samples/sample-passthrough.toml
 MODE ?= passthrough
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv demo test test-fast test-unit test-netns lint format bench bench-quick install-rules remove-rules \
+.PHONY: help deps venv demo demo-cluster test test-fast test-unit test-netns lint format bench bench-quick install-rules remove-rules \
         show-rules clean-netns clean
 
 help:
 	@echo "make demo                  build a namespace test bed, run convey in every mode, show traffic and /stats"
+	@echo "make demo-cluster          two balancers behind a BGP/ECMP router (BIRD 2): spread, kill one mid-download"
 	@echo "make test                  install what is needed and run the whole test suite (root for netns tests)"
 	@echo "make test-fast             every test that needs no root (unit, proxy relay, proxy end to end): < 1 min"
 	@echo "make lint                  ruff + mypy --strict on convey/"
 	@echo "make bench                 proxy and packet-path benchmarks (ratios against HAProxy/kernel/accept-only)"
 	@echo "make install-rules CONFIG=FILE [MODE=passthrough|dsr]   iptables rules + sysctls in this namespace"
 	@echo "                   [OFFLOAD=1]                           the flow offload rule set (show-rules too)"
+	@echo "                   [WORKERS=N]                           N queues, as convey --workers=N (show-rules too)"
 	@echo "make remove-rules  CONFIG=FILE                           remove exactly those rules"
 	@echo "make clean-netns           remove leftover test namespaces (cvy-*): python -m testbed clean"
 
@@ -36,6 +38,10 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(PY) scripts/demo.py
+
+# A tier of balancers announcing the VIP over BGP to a router with ECMP (docs/scale-out.md); root and bird2.
+demo-cluster: venv
+	$(PY) scripts/demo_cluster.py
 
 test: venv
 	$(PY) -m pytest tests $(PYTEST_ARGS)
@@ -69,14 +75,14 @@ bench-quick: venv
 
 install-rules: venv
 	$(VENV)/bin/convey rules install --config=$(CONFIG) $(if $(filter dsr,$(MODE)),--dsr,--passthrough) \
-	  $(if $(filter 1 yes true,$(OFFLOAD)),--offload)
+	  $(if $(filter 1 yes true,$(OFFLOAD)),--offload) $(if $(WORKERS),--workers=$(WORKERS))
 
 remove-rules: venv
 	$(VENV)/bin/convey rules remove --config=$(CONFIG)
 
 show-rules: venv
 	$(VENV)/bin/convey rules show --config=$(CONFIG) $(if $(filter dsr,$(MODE)),--dsr,--passthrough) \
-	  $(if $(filter 1 yes true,$(OFFLOAD)),--offload)
+	  $(if $(filter 1 yes true,$(OFFLOAD)),--offload) $(if $(WORKERS),--workers=$(WORKERS))
 
 clean-netns:
 	@if [ -x $(PY) ]; then $(PY) -m testbed clean; \

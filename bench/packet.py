@@ -85,7 +85,19 @@ ACCEPT_ONLY = "accept-only loop"
 PER_PACKET = "passthrough per-packet"
 OFFLOAD = "passthrough offload"
 OFFLOAD_THREAD = "offload, verdict thread"
-ROW_ORDER = (KERNEL_FWD, KERNEL_NAT, ACCEPT_ONLY, PER_PACKET, OFFLOAD, OFFLOAD_THREAD)
+
+
+def per_packet_workers(count: int) -> str:
+    return f"per-packet, {count} workers"
+
+
+def offload_workers(count: int) -> str:
+    return f"offload, {count} workers"
+
+
+ROW_ORDER = (KERNEL_FWD, KERNEL_NAT, ACCEPT_ONLY, PER_PACKET, *(per_packet_workers(n) for n in range(2, 9)),
+             OFFLOAD, *(offload_workers(n) for n in range(2, 9)), OFFLOAD_THREAD)  # fmt: skip
+WORKER_TARGETS = {l4.CONNS: 1.6}  # per-packet with 2 workers / with 1, issue 9
 TARGETS = {l4.UP: 0.9, l4.DOWN: 0.9, l4.CONNS: 0.7}  # offload / kernel NAT, issue 8
 
 
@@ -94,7 +106,7 @@ TARGETS = {l4.UP: 0.9, l4.DOWN: 0.9, l4.CONNS: 0.7}  # offload / kernel NAT, iss
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def config_text(bed: Testbed, offload: bool = False) -> str:
+def config_text(bed: Testbed, offload: bool = False, workers: int = 1) -> str:
     lines = [
         "[frontends.web]",
         f'listen_addr = "{bed.vip}:{VIP_WEB_PORT}"',
@@ -118,6 +130,8 @@ def config_text(bed: Testbed, offload: bool = False) -> str:
     ]
     if offload:
         lines.append("offload = true  # = convey --passthrough --offload")
+    if workers > 1:
+        lines.append(f"workers = {workers}")
     return "\n".join(lines) + "\n"
 
 
@@ -238,17 +252,24 @@ class AcceptOnlyPath(DataPath):
 class ConveyPath(DataPath):
     """The real ``convey --passthrough [--offload] --install-rules`` process."""
 
-    def __init__(self, bed: Testbed, offload: bool = False, verdict_thread: bool = False) -> None:
+    def __init__(
+        self, bed: Testbed, offload: bool = False, verdict_thread: bool = False, workers: int = 1
+    ) -> None:
         super().__init__(bed)
         self.offload = offload
+        self.workers = workers
         self.name = (OFFLOAD_THREAD if verdict_thread else OFFLOAD) if offload else PER_PACKET
-        self.pps = not offload
+        # the blast's packets/s and CPU per packet are measured for one process
+        self.pps = not offload and workers == 1
+        if workers > 1:
+            self.name = offload_workers(workers) if offload else per_packet_workers(workers)
         if offload:
             l4.flush_conntrack(bed.lb)
         name = "bench-offload" if offload else "bench-convey"
         try:
             env = {"CONVEY_OFFLOAD_VERDICTS": "thread"} if verdict_thread else None
-            self.convey: Any = ConveyProcess(bed, config_text(bed, offload), name=name, extra_env=env).start()
+            text = config_text(bed, offload, workers)
+            self.convey: Any = ConveyProcess(bed, text, name=name, extra_env=env).start()
         except ConveyProcessError as exc:
             if offload:
                 raise l4.Skip(f"convey --passthrough --offload refused to start: {l4.refusal(exc)}") from None
@@ -262,8 +283,8 @@ class ConveyPath(DataPath):
         doc: dict[str, Any] = self.convey.stats(timeout=60)
         return doc
 
-    def cpu_pid(self) -> int:
-        return self.pid
+    def cpu_pid(self) -> int | None:
+        return self.pid if self.workers == 1 else None  # workers: the supervisor's CPU would say nothing
 
     @property
     def pid(self) -> int:
@@ -328,10 +349,19 @@ def bench(args: argparse.Namespace) -> Results:
             (ACCEPT_ONLY, lambda: AcceptOnlyPath(bed, 600)),
             (PER_PACKET, lambda: ConveyPath(bed)),
         ]
+        if args.workers > 1:
+            rows.append((per_packet_workers(args.workers), lambda: ConveyPath(bed, workers=args.workers)))
         if args.no_offload:
             results.skipped[OFFLOAD] = "--no-offload"
         else:
             rows.append((OFFLOAD, lambda: ConveyPath(bed, offload=True)))
+            if args.workers > 1:
+                rows.append(
+                    (
+                        offload_workers(args.workers),
+                        lambda: ConveyPath(bed, offload=True, workers=args.workers),
+                    )
+                )
             if args.verdict_thread:
                 rows.append((OFFLOAD_THREAD, lambda: ConveyPath(bed, offload=True, verdict_thread=True)))
 
@@ -344,7 +374,8 @@ def bench(args: argparse.Namespace) -> Results:
                 )
             if row.l4:
                 say(f"  {row.name}: bulk up, bulk down, connections/s")
-                limit = PER_PACKET_MAX_CONNECTIONS if row.name == PER_PACKET else l4.MAX_CONNECTIONS
+                per_packet = row.name == PER_PACKET or row.name.startswith("per-packet, ")
+                limit = PER_PACKET_MAX_CONNECTIONS if per_packet else l4.MAX_CONNECTIONS
                 l4.measure_row(tools, bed.client, row, load, results.series, limit)
 
         l4.run_rows(args.rounds, rows, measure, say, results.skipped)
@@ -366,6 +397,17 @@ def report(results: Results) -> str:
         line = l4.ratio_line(s, row, base, label, TARGETS if targets else None)
         if line:
             lines.append(line)
+    for count in range(2, 9):
+        for row, base, label, goals in (
+            (per_packet_workers(count), PER_PACKET, f"per-packet {count} workers / 1:",
+             WORKER_TARGETS if count == 2 else None),
+            (per_packet_workers(count), KERNEL_NAT, f"per-packet {count} workers / kernel NAT:", None),
+            (offload_workers(count), OFFLOAD, f"offload {count} workers / 1:", None),
+            (offload_workers(count), KERNEL_NAT, f"offload {count} workers / kernel NAT:", TARGETS),
+        ):  # fmt: skip
+            line = l4.ratio_line(s, row, base, label, goals)
+            if line:
+                lines.append(line)
     per_conn = s.median(OFFLOAD, l4.PER_CONN)
     if per_conn is not None and per_conn > 3:
         lines.append(f"  note: {per_conn:.1f} packets per connection reached convey with offload on: the kernel "
@@ -394,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--verdict-thread", action="store_true",
                         help="also an offload row with a verdict thread (CONVEY_OFFLOAD_VERDICTS=thread)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=2,
+                        help="also per-packet and offload rows with this many worker processes (default 2; 1: none)")  # fmt: skip
     parser.add_argument("--keep-time-wait", action="store_true",
                         help="leave TIME_WAIT on the servers (see bench/lib/l4.py's no_time_wait)")  # fmt: skip
     parser.add_argument(

@@ -180,6 +180,24 @@ listen rr
 """
 
 
+CONVEY_CFG = """\
+[frontends.bulk]
+listen_addr = "{host}:{bulk_listen}"
+backend = "bulk"
+[frontends.rr]
+listen_addr = "{host}:{rr_listen}"
+backend = "rr"
+[backends.bulk]
+health_check_interval = 5
+[backends.bulk.servers.one]
+addr = "{host}:{bulk_server}"
+[backends.rr]
+health_check_interval = 5
+[backends.rr.servers.one]
+addr = "{host}:{rr_server}"
+"""
+
+
 @dataclass
 class Row:
     name: str
@@ -206,6 +224,7 @@ class Proxy:
 
     name: str
     start: Callable[[], tuple[subprocess.Popen[str] | None, int, int]]  # (process, bulk port, rr port)
+    cpu: bool = True  # measure the process's CPU (not for a supervisor whose workers do the work)
 
 
 def bench(args: argparse.Namespace) -> list[Row]:
@@ -266,10 +285,29 @@ def bench(args: argparse.Namespace) -> list[Row]:
             wait_port(rr_listen)
             return proc, bulk_listen, rr_listen
 
+        def convey_cli(workers: int) -> tuple[subprocess.Popen[str] | None, int, int]:
+            """The real ``convey`` command with ``--workers``: the supervisor and its worker processes."""
+            bulk_listen, rr_listen = free_port(), free_port()
+            cfg = Path(tmp.name) / f"convey-{workers}.toml"
+            cfg.write_text(
+                CONVEY_CFG.format(
+                    host=HOST, bulk_listen=bulk_listen, bulk_server=bulk_server, rr_listen=rr_listen,
+                    rr_server=rr_server,
+                )
+            )  # fmt: skip
+            argv = [sys.executable, "-m", "convey", f"--config={cfg}", f"--workers={workers}", "--no-watch"]
+            proc = children.start(argv, pin=proxy_cpu if workers == 1 else None)
+            wait_port(bulk_listen)
+            wait_port(rr_listen)
+            return proc, bulk_listen, rr_listen
+
         proxies = [
             Proxy("direct (no proxy)", direct),
             Proxy("convey (asyncio)", functools.partial(convey, False)),
         ]
+        for workers in sorted({1, args.workers}) if args.workers > 1 else []:
+            label = f"convey, {workers} worker{'s' if workers > 1 else ''}"
+            proxies.append(Proxy(label, functools.partial(convey_cli, workers), cpu=workers == 1))
         if HAS_UVLOOP:
             proxies.append(Proxy("convey (uvloop)", functools.partial(convey, True)))
         else:
@@ -289,7 +327,8 @@ def bench(args: argparse.Namespace) -> list[Row]:
             try:
                 for metric in metrics:
                     port = rr_port if metric == "rr" else bulk_port
-                    m = measure(children, tools, metric, port, args.seconds, proc.pid if proc else None)
+                    pid = proc.pid if proc and proxy.cpu else None
+                    m = measure(children, tools, metric, port, args.seconds, pid)
                     rows[proxy.name].results.setdefault(metric, []).append(m)
                     cpu = f"proxy CPU {m.cpu * 100:3.0f}%, " if m.cpu is not None else ""
                     print(
@@ -352,6 +391,21 @@ def table(rows: list[Row], rounds: int) -> str:
                     part += f" ({(mine.value / mine.cpu) / (theirs.value / theirs.cpu):.2f}x per CPU)"
                 parts.append(part)
             lines.append(f"  {row.name:18} " + ", ".join(parts))
+    pairs = [(f"convey, {n} worker{'s' if n > 1 else ''}", f"haproxy (nbthread {n})") for n in (1, 2)]
+    pairs.append(("convey, 2 workers", "convey, 1 worker"))
+    compared = [(by_name[a], by_name[b]) for a, b in pairs if a in by_name and b in by_name]
+    if compared:
+        lines.append("")
+        lines.append(
+            "workers (issue 9 targets: convey >= 1.0x haproxy at the same threads, 2 workers >= 1.6x 1)"
+        )
+        for mine, theirs in compared:
+            parts = []
+            for m in metrics:
+                a, b = mine.median(m), theirs.median(m)
+                if a is not None and b is not None and b.value > 0:
+                    parts.append(f"{LABELS[m].removesuffix(' Gb/s')} {a.value / b.value:.2f}x")
+            lines.append(f"  {mine.name} / {theirs.name}: " + ", ".join(parts))
     return "\n".join(lines)
 
 
@@ -380,6 +434,12 @@ def main(argv: list[str] | None = None) -> int:
         help="short-connection generator processes (default 1 with C, 2 without)",
     )
     parser.add_argument("--rr-concurrency", type=int, default=64, help="concurrent connections per generator")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="also rows of the real convey command with 1 and this many worker processes (default 2; 1: none)",
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.seconds is None:

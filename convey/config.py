@@ -6,12 +6,15 @@ as one :class:`ConfigError` that names the file, the key and the problem; nothin
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
+from convey.bgp.model import BgpConfig
 from convey.errors import ConveyError
 from convey.modes import Mode, Rewrite
 
@@ -36,6 +39,7 @@ DEFAULT_PROXY_IDLE_TIMEOUT = 300.0
 # name is 1-64 of these characters (every TOML bare key qualifies; "/" and spaces do not).
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 NAME_RULE = "1-64 letters, digits, '_', '-' or '.'"
+MAX_WEIGHT = 1_000_000  # a server's weight: 0 (drains) to this
 MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a larger file is refused before it is read
 
 
@@ -109,6 +113,10 @@ class FrontendConfig:
 class StatsConfig:
     port: int | None = None  # None: no stats service
     address: str = DEFAULT_STATS_ADDRESS
+    # The runtime API's bearer token (``api_token``, or read from ``api_token_file`` when the config is loaded);
+    # None: the API is read-only. Kept out of repr so no log line shows it.
+    api_token: str | None = field(default=None, repr=False)
+    api_token_file: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +147,17 @@ class DsrConfig:
     fwmark_base: int = 0x100
     route_table_base: int = 100
     offload: bool = False  # after a connection's first packet, the kernel steers the rest
+    workers: int = 1  # worker processes (convey/workers/); "auto" in the file: one per CPU
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    connections: bool = False  # one line per connection when it closes (client, server, duration, bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    workers: int = 1  # worker processes sharing the listeners with SO_REUSEPORT
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +168,9 @@ class Config:
     stats: StatsConfig = field(default_factory=StatsConfig)
     passthrough: PassthroughConfig = field(default_factory=PassthroughConfig)
     dsr: DsrConfig = field(default_factory=DsrConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    bgp: BgpConfig | None = None  # [bgp]: announce the VIPs over BGP (convey/bgp/, docs/scale-out.md)
+    log: LogConfig = field(default_factory=LogConfig)  # [log]
 
 
 def load_config(path: str | Path) -> Config:
@@ -193,6 +215,7 @@ def validate_for_mode(config: Config, mode: str) -> None:
     addresses with ports from ``port_range``, and a server's reply to (address, port) is taken for client traffic
     when that pair is a VIP. With ``source_addrs`` the parser already refused that; without them the kernel picks
     the source per server (possibly a VIP's address), so no VIP port may lie inside the range."""
+    check_workers(config, mode)
     if mode != Mode.PASSTHROUGH or config.passthrough.source_addrs:
         return
     lo, hi = config.passthrough.port_range
@@ -224,6 +247,83 @@ def with_offload(config: Config, mode: str) -> Config:
     raise ValueError(f"--offload needs a packet mode (--passthrough or --dsr), not {mode}")
 
 
+MAX_WORKERS = 256
+MAX_OFFLOAD_WORKERS = 255  # convey.dataplane.rules.offload: the worker field of a connection's mark
+MIN_WORKER_PORTS = 64  # passthrough: the fewest ephemeral ports one worker's slice may hold
+
+
+def auto_workers() -> int:
+    """``workers = "auto"``: one worker per CPU this process may run on."""
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+def workers_key(mode: str) -> str:
+    """The config key that sets ``mode``'s number of worker processes."""
+    return {Mode.PASSTHROUGH: "passthrough", Mode.DSR: "dsr"}.get(Mode(mode), "proxy") + ".workers"
+
+
+def workers_for(config: Config, mode: str) -> int:
+    """How many worker processes ``mode`` runs under ``config`` (1: no supervisor, one process)."""
+    if mode == Mode.PASSTHROUGH:
+        return config.passthrough.workers
+    if mode == Mode.DSR:
+        return config.dsr.workers
+    return config.proxy.workers
+
+
+def check_workers(config: Config, mode: str) -> None:
+    """ConfigError when ``mode``'s worker count cannot be split: passthrough gives every worker a disjoint slice
+    of ``port_range`` (at least ``MIN_WORKER_PORTS`` ports) and of ``connection_tracker_capacity``."""
+    count = workers_for(config, mode)
+    if count == 1 or mode == Mode.PROXY:
+        return
+    queue = config.passthrough.queue_num if mode == Mode.PASSTHROUGH else config.dsr.queue_num
+    if queue + count - 1 > 65535:
+        raise ConfigError(
+            config.path,
+            workers_key(mode),
+            f"{count} workers need queues {queue}-{queue + count - 1}: NFQUEUE numbers end at 65535",
+        )
+    if offloaded(config, mode) and (mode == Mode.DSR or count > MAX_OFFLOAD_WORKERS):
+        raise ConfigError(
+            config.path,
+            workers_key(mode),
+            f"{count} workers with flow offload: DSR offload runs one process, passthrough offload at most "
+            f"{MAX_OFFLOAD_WORKERS} workers (the worker's number is part of each connection's mark)",
+        )
+    if mode != Mode.PASSTHROUGH:
+        return
+    pt = config.passthrough
+    ports = pt.port_range[1] - pt.port_range[0] + 1
+    if ports // count < MIN_WORKER_PORTS:
+        raise ConfigError(
+            config.path,
+            workers_key(mode),
+            f"{count} workers cannot share passthrough.port_range {pt.port_range[0]}-{pt.port_range[1]} "
+            f"({ports} ports): each worker needs at least {MIN_WORKER_PORTS} ports of its own; "
+            f"use at most {ports // MIN_WORKER_PORTS} workers or a wider range",
+        )
+    if pt.connection_tracker_capacity < count:
+        raise ConfigError(
+            config.path,
+            workers_key(mode),
+            f"{count} workers cannot share passthrough.connection_tracker_capacity "
+            f"{pt.connection_tracker_capacity}: each worker needs at least one flow",
+        )
+
+
+def with_workers(config: Config, mode: str, count: int) -> Config:
+    """``config`` with ``count`` worker processes for ``mode`` (the command line's ``--workers``); checked."""
+    if mode == Mode.PASSTHROUGH:
+        config = replace(config, passthrough=replace(config.passthrough, workers=count))
+    elif mode == Mode.DSR:
+        config = replace(config, dsr=replace(config.dsr, workers=count))
+    else:
+        config = replace(config, proxy=replace(config.proxy, workers=count))
+    check_workers(config, mode)
+    return config
+
+
 def summary(config: Config, mode: str) -> str:
     """A human summary of a valid config, for `convey check`."""
     lines = [f"{config.path}: OK ({mode} mode)"]
@@ -238,8 +338,53 @@ def summary(config: Config, mode: str) -> str:
         for server in back.servers:
             state = " (draining)" if server.weight == 0 else ""
             lines.append(f"    server {server.name}: {server.addr} weight={server.weight}{state}")
+    if config.bgp is not None:
+        peers = ", ".join(f"{p.name} {p.address} AS{p.asn}" for p in config.bgp.peers.values())
+        lines.append(f"  bgp: AS{config.bgp.local_as}, VIPs announced by health to {peers}")
     if config.stats.port is None:
         lines.append("  stats: disabled (no [stats] port)")
     else:
         lines.append(f"  stats: http://{config.stats.address}:{config.stats.port}/stats")
     return "\n".join(lines)
+
+
+# Per mode, the sections it ignores, but for the fields named, for `convey check`'s warnings. DSR reads the flow
+# table's size and FIN linger from [passthrough]; frontends' idle_timeout, max_connections and tcp_keepalive and
+# backends' connect_timeout are the proxy's.
+_IGNORED: dict[str, dict[str, tuple[str, ...]]] = {
+    Mode.PROXY: {"passthrough": (), "dsr": ()},
+    Mode.PASSTHROUGH: {"dsr": (), "proxy": ()},
+    Mode.DSR: {"passthrough": ("connection_tracker_capacity", "fin_linger"), "proxy": ()},
+}
+_PROXY_ONLY_FRONTEND = ("idle_timeout", "max_connections", "tcp_keepalive")
+
+
+def _changed(value: Any) -> list[str]:
+    """The fields of a config dataclass that differ from its defaults (what the file set)."""
+    default = type(value)()
+    return [f.name for f in fields(value) if getattr(value, f.name) != getattr(default, f.name)]
+
+
+def check_warnings(config: Config, mode: str) -> list[str]:
+    """What `convey check` warns about in a valid config: backends without servers, and settings ``mode``
+    ignores (those that differ from their defaults)."""
+    out: list[str] = []
+    for front in config.frontends.values():
+        backend = config.backends.get(front.backend)
+        if backend is not None and not backend.servers:
+            out.append(f"frontend {front.name}: backend {front.backend} has no servers: clients are refused")
+    for section, used in _IGNORED.get(mode, {}).items():
+        value = getattr(config, section, None)
+        keys = [k for k in _changed(value) if k not in used] if value is not None else []
+        if keys:
+            out.append(f"[{section}] {', '.join(keys)}: ignored in {mode} mode")
+    if mode != Mode.PROXY:
+        default = FrontendConfig("", Address("0.0.0.0", 1), "")
+        for front in config.frontends.values():
+            keys = [k for k in _PROXY_ONLY_FRONTEND if getattr(front, k) != getattr(default, k)]
+            if keys:
+                out.append(f"frontends.{front.name}: {', '.join(keys)}: proxy mode only, ignored in {mode}")
+        for back in config.backends.values():
+            if back.connect_timeout != DEFAULT_CONNECT_TIMEOUT:
+                out.append(f"backends.{back.name}.connect_timeout: proxy mode only, ignored in {mode} mode")
+    return out

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
+from convey.bgp.model import parse_bgp
 from convey.config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_FALL,
@@ -23,6 +23,8 @@ from convey.config import (
     DEFAULT_STATS_ADDRESS,
     DSR_REWRITES,
     EGRESS_NAT_METHODS,
+    MAX_WEIGHT,
+    MAX_WORKERS,
     NAME,
     NAME_RULE,
     QUEUE_BINDINGS,
@@ -33,10 +35,15 @@ from convey.config import (
     ConfigError,
     DsrConfig,
     FrontendConfig,
+    LogConfig,
     PassthroughConfig,
+    ProxyConfig,
     ServerConfig,
     StatsConfig,
+    auto_workers,
 )
+from convey.config_values import digits, is_prime, join, kind, quoted, show
+from convey.control.token import stats_token
 from convey.modes import Rewrite
 
 __all__ = ["Parser"]
@@ -55,34 +62,34 @@ class Parser:
 
     def table(self, value: Any, key: str) -> dict[str, Any]:
         if not isinstance(value, dict):
-            raise self.fail(key, f"must be a table, got {_kind(value)}")
+            raise self.fail(key, f"must be a table, got {kind(value)}")
         return value
 
     def known(self, table: dict[str, Any], key: str, allowed: tuple[str, ...]) -> None:
         for name in table:
             if name not in allowed:
-                raise self.fail(_join(key, name), f"unknown key (allowed: {', '.join(allowed)})")
+                raise self.fail(join(key, name), f"unknown key (allowed: {', '.join(allowed)})")
 
     def string(self, table: dict[str, Any], key: str, name: str, default: str | None = None) -> str:
         value = table.get(name, default)
         if value is None:
-            raise self.fail(_join(key, name), "missing (required)")
+            raise self.fail(join(key, name), "missing (required)")
         if not isinstance(value, str):
-            raise self.fail(_join(key, name), f"must be a string, got {_kind(value)}")
+            raise self.fail(join(key, name), f"must be a string, got {kind(value)}")
         return value
 
     def integer(self, table: dict[str, Any], key: str, name: str, default: int, lo: int, hi: int) -> int:
         value = table.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(_join(key, name), f"must be an integer, got {_kind(value)}")
+            raise self.fail(join(key, name), f"must be an integer, got {kind(value)}")
         if not lo <= value <= hi:
-            raise self.fail(_join(key, name), f"must be between {lo} and {hi}, got {_show(value)}")
+            raise self.fail(join(key, name), f"must be between {lo} and {hi}, got {show(value)}")
         return value
 
     def flag(self, table: dict[str, Any], key: str, name: str, default: bool) -> bool:
         value = table.get(name, default)
         if not isinstance(value, bool):
-            raise self.fail(_join(key, name), f"must be true or false, got {_kind(value)}")
+            raise self.fail(join(key, name), f"must be true or false, got {kind(value)}")
         return value
 
     def seconds(
@@ -90,18 +97,18 @@ class Parser:
     ) -> float:
         """A duration in (0, hi], or [0, hi] with ``zero_ok``."""
         value = table.get(name, default)
-        full = _join(key, name)
+        full = join(key, name)
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.fail(full, f"must be a number of seconds, got {_kind(value)}")
+            raise self.fail(full, f"must be a number of seconds, got {kind(value)}")
         if isinstance(value, float) and not math.isfinite(value):
             raise self.fail(full, f"must be a number of seconds, got {value}")
         if zero_ok:
             if not 0 <= value <= hi:
-                raise self.fail(full, f"must be between 0 and {hi:g} seconds, got {_show(value)}")
+                raise self.fail(full, f"must be between 0 and {hi:g} seconds, got {show(value)}")
         elif value <= 0:
-            raise self.fail(full, f"must be greater than 0 seconds, got {_show(value)}")
+            raise self.fail(full, f"must be greater than 0 seconds, got {show(value)}")
         if value > hi:
-            raise self.fail(full, f"must be at most {hi:g} seconds, got {_show(value)}")
+            raise self.fail(full, f"must be at most {hi:g} seconds, got {show(value)}")
         return float(value)
 
     def choice(
@@ -109,43 +116,51 @@ class Parser:
     ) -> str:
         value = self.string(table, key, name, default)
         if value not in choices:
-            raise self.fail(_join(key, name), f"must be one of {', '.join(choices)}, got {_show(value)}")
+            raise self.fail(join(key, name), f"must be one of {', '.join(choices)}, got {show(value)}")
         return value
 
     def ipv4(self, value: str, key: str) -> str:
         try:
             return str(ipaddress.IPv4Address(value))
         except ValueError:
-            raise self.fail(key, f"not an IPv4 address: {_show(value)}") from None
+            raise self.fail(key, f"not an IPv4 address: {show(value)}") from None
 
     def address(self, table: dict[str, Any], key: str, name: str) -> Address:
         value = self.string(table, key, name)
-        full = _join(key, name)
+        full = join(key, name)
         host, sep, port_text = value.rpartition(":")
         if not sep or not host or not port_text:
-            raise self.fail(full, f"must be IP:port, got {_show(value)}")
+            raise self.fail(full, f"must be IP:port, got {show(value)}")
         host = self.ipv4(host, full)
-        port = _digits(port_text)
+        port = digits(port_text)
         if port is None or not 1 <= port <= 65535:
-            raise self.fail(full, f"port must be 1-65535, got {_show(port_text)}")
+            raise self.fail(full, f"port must be 1-65535, got {show(port_text)}")
         return Address(host, port)
 
     def name(self, name: str, key: str, what: str) -> None:
         """Backend and server names make "backend/server" ids and /metrics labels: see ``convey.config.NAME``."""
         if not NAME.fullmatch(name):
-            raise self.fail(_join(key, _quoted(name)), f"a {what} name must be {NAME_RULE}")
+            raise self.fail(join(key, quoted(name)), f"a {what} name must be {NAME_RULE}")
 
     # -- sections -------------------------------------------------------------------------------------------------
 
     def config(self, raw: dict[str, Any]) -> Config:
-        self.known(raw, "", ("frontends", "backends", "stats", "passthrough", "dsr"))
+        self.known(raw, "", ("frontends", "backends", "stats", "passthrough", "dsr", "proxy", "bgp", "log"))
         backends = self.backends(raw.get("backends", {}))
         frontends = self.frontends(raw.get("frontends", {}), backends)
         stats = self.stats(raw.get("stats", {}))
         passthrough = self.passthrough(raw.get("passthrough", {}))
         self.vips_outside_ports(frontends, passthrough)
         dsr = self.dsr(raw.get("dsr", {}), frontends, backends)
-        return Config(self.path, frontends, backends, stats, passthrough, dsr)
+        proxy = self.proxy(raw.get("proxy", {}))
+        bgp = parse_bgp(self, raw.get("bgp"))
+        log = self.log(raw.get("log", {}))
+        return Config(self.path, frontends, backends, stats, passthrough, dsr, proxy, bgp, log=log)
+
+    def log(self, value: Any) -> LogConfig:
+        section = self.table(value, "log")
+        self.known(section, "log", ("connections",))
+        return LogConfig(connections=self.flag(section, "log", "connections", False))
 
     def backends(self, value: Any) -> dict[str, BackendConfig]:
         section = self.table(value, "backends")
@@ -177,7 +192,7 @@ class Parser:
             if scheduler is not None:
                 scheduler = self.choice(body, key, "scheduler", SCHEDULERS, "wrr")
             table_size = self.integer(body, key, "maglev_table_size", 65537, 3, 1_000_003)
-            if not _is_prime(table_size):
+            if not is_prime(table_size):
                 raise self.fail(f"{key}.maglev_table_size", f"must be a prime number, got {table_size}")
             if table_size < 100 * max(1, len(servers)):
                 raise self.fail(
@@ -213,13 +228,13 @@ class Parser:
             seen[addr] = name
             weight = body.get("weight", 1)
             if isinstance(weight, bool) or not isinstance(weight, int):
-                raise self.fail(f"{skey}.weight", f"must be an integer, got {_kind(weight)}")
+                raise self.fail(f"{skey}.weight", f"must be an integer, got {kind(weight)}")
             if weight < 0:
                 raise self.fail(
-                    f"{skey}.weight", f"must not be negative, got {_show(weight)} (0 drains the server)"
+                    f"{skey}.weight", f"must not be negative, got {show(weight)} (0 drains the server)"
                 )
-            if weight > 1_000_000:
-                raise self.fail(f"{skey}.weight", f"must be at most 1000000, got {_show(weight)}")
+            if weight > MAX_WEIGHT:
+                raise self.fail(f"{skey}.weight", f"must be at most {MAX_WEIGHT}, got {show(weight)}")
             servers.append(ServerConfig(name, addr, weight))
         return tuple(servers)
 
@@ -257,19 +272,20 @@ class Parser:
 
     def stats(self, value: Any) -> StatsConfig:
         section = self.table(value, "stats")
-        self.known(section, "stats", ("port", "address"))
+        self.known(section, "stats", ("port", "address", "api_token", "api_token_file"))
         port: int | None = None
         if "port" in section:
             raw = section["port"]
-            if isinstance(raw, str) and _digits(raw.strip()) is not None:
-                raw = _digits(raw.strip())
+            if isinstance(raw, str) and digits(raw.strip()) is not None:
+                raw = digits(raw.strip())
             if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= 65535:
                 raise self.fail(
-                    "stats.port", f"must be a port number 1-65535 (integer or string), got {_show(raw)}"
+                    "stats.port", f"must be a port number 1-65535 (integer or string), got {show(raw)}"
                 )
             port = raw
         address = self.ipv4(self.string(section, "stats", "address", DEFAULT_STATS_ADDRESS), "stats.address")
-        return StatsConfig(port, address)
+        token, token_file = stats_token(section, self.fail)
+        return StatsConfig(port, address, token, token_file)
 
     def passthrough(self, value: Any) -> PassthroughConfig:
         key = "passthrough"
@@ -303,7 +319,7 @@ class Parser:
             connection_tracker_capacity=self.integer(
                 section, key, "connection_tracker_capacity", 20000, 1, 10**7
             ),
-            workers=self.integer(section, key, "workers", 1, 1, 256),
+            workers=self.workers(section, key),
             stats_update_frequency=self.seconds(section, key, "stats_update_frequency", 5.0, DAY),
             port_range=port_range,
             port_reuse_delay=self.seconds(section, key, "port_reuse_delay", 60.0, HOUR, zero_ok=True),
@@ -336,16 +352,16 @@ class Parser:
             return DEFAULT_PORT_RANGE
         if isinstance(value, str):
             lo_text, sep, hi_text = value.partition("-")
-            low, high = _digits(lo_text.strip()), _digits(hi_text.strip())
+            low, high = digits(lo_text.strip()), digits(hi_text.strip())
             if not sep or low is None or high is None:
-                raise self.fail(key, f'must be "LOW-HIGH" or [LOW, HIGH], got {_show(value)}')
+                raise self.fail(key, f'must be "LOW-HIGH" or [LOW, HIGH], got {show(value)}')
             lo, hi = low, high
         elif isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value):
             lo, hi = value
         else:
-            raise self.fail(key, f'must be "LOW-HIGH" or [LOW, HIGH], got {_show(value)}')
+            raise self.fail(key, f'must be "LOW-HIGH" or [LOW, HIGH], got {show(value)}')
         if not 1024 <= lo <= hi <= 65535:
-            raise self.fail(key, f"must satisfy 1024 <= LOW <= HIGH <= 65535, got {_show(lo)}-{_show(hi)}")
+            raise self.fail(key, f"must satisfy 1024 <= LOW <= HIGH <= 65535, got {show(lo)}-{show(hi)}")
         return (lo, hi)
 
     def dsr(
@@ -365,6 +381,7 @@ class Parser:
                 "fwmark_base",
                 "route_table_base",
                 "offload",
+                "workers",
             ),
         )
         rewrite = Rewrite(self.choice(section, key, "rewrite", DSR_REWRITES, "ip"))
@@ -390,58 +407,23 @@ class Parser:
             fwmark_base=self.integer(section, key, "fwmark_base", 0x100, 1, 0x7FFF0000),
             route_table_base=self.integer(section, key, "route_table_base", 100, 1, 0x7FFF0000),
             offload=self.flag(section, key, "offload", False),
+            workers=self.workers(section, key),
         )
+
+    def proxy(self, value: Any) -> ProxyConfig:
+        section = self.table(value, "proxy")
+        self.known(section, "proxy", ("workers",))
+        return ProxyConfig(workers=self.workers(section, "proxy"))
+
+    def workers(self, section: dict[str, Any], key: str) -> int:
+        """``workers``: a count 1-MAX_WORKERS, or "auto" (one per CPU this process may run on)."""
+        if section.get("workers") == "auto":
+            return auto_workers()
+        if isinstance(section.get("workers"), str):
+            raise self.fail(f"{key}.workers", f'must be an integer or "auto", got {show(section["workers"])}')
+        return self.integer(section, key, "workers", 1, 1, MAX_WORKERS)
 
 
 HOUR = 3600.0
 DAY = 86400.0
 MONTH = 30 * DAY
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def _join(key: str, name: str) -> str:
-    return f"{key}.{name}" if key else name
-
-
-def _quoted(name: str) -> str:
-    """``name`` as a TOML key: bare when it can be, else quoted with control characters escaped."""
-    if _BARE_KEY.fullmatch(name):
-        return name
-    text = name.replace("\\", "\\\\").replace('"', '\\"')
-    escaped = "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
-    return f'"{escaped}"'
-
-
-def _digits(text: str) -> int | None:
-    """``text`` as a number when it is 1-10 ASCII digits (str.isdigit() also takes "²" and other scripts)."""
-    if 0 < len(text) <= 10 and text.isascii() and text.isdigit():
-        return int(text)
-    return None
-
-
-def _show(value: Any, limit: int = 40) -> str:
-    """A value for a message: repr for strings, digits for numbers, cut to ``limit`` characters."""
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
-        return f"a {len(str(abs(value)))}-digit number" if abs(value) < 10**4000 else "a huge number"
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _kind(value: Any) -> str:
-    names = {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "a table",
-    }
-    return names.get(type(value), type(value).__name__)
-
-
-def _is_prime(n: int) -> bool:
-    if n < 2:
-        return False
-    if n % 2 == 0:
-        return n == 2
-    return all(n % d for d in range(3, math.isqrt(n) + 1, 2))

@@ -12,7 +12,8 @@
 #   scripts/setup-dsr-backend.sh --help
 #
 # Idempotent; `remove` restores exactly what `install` changed. A thin wrapper around
-# `python -m convey.backend` (docs/dsr.md): it uses the repository's virtualenv when there is one.
+# `python -m convey.backend` (docs/dsr.md): it uses the repository's virtualenv when there is one. Installed with
+# pip (pip install 'convey[backend]'), the same tool is the command convey-backend, with the same arguments.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

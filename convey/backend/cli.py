@@ -1,4 +1,5 @@
-"""The backend tool's command line (``python -m convey.backend``, usually through scripts/setup-dsr-backend.sh).
+"""The backend tool's command line: ``convey-backend`` (installed with convey), ``python -m convey.backend``, or
+scripts/setup-dsr-backend.sh in a checkout.
 
 Errors are one line on stderr, never a traceback: exit status 1 for what the kernel or the system refused, 2 for
 incomplete or contradictory arguments.
@@ -115,8 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except ImportError as exc:
         print(
-            f"{PROG}: {exc.name or exc} is missing: install convey's dependencies "
-            "(pip install -e . in the repository, or make venv)",
+            f"{PROG}: {exc.name or exc} is missing: pip install 'convey[backend]' (tc needs pyroute2), "
+            "or use --method nft",
             file=sys.stderr,
         )
         return EXIT_ERROR

@@ -7,11 +7,17 @@ data planes call :meth:`Pool.pick` / :meth:`Pool.candidates` and keep ``Server.a
 Eligibility for *new* connections: healthy, weight > 0, still in the config. Existing connections are never moved:
 a server whose weight drops to 0 or that is removed from the config drains (its open connections continue); a removed
 server is forgotten once its last connection has ended.
+
+Runtime overlay (``convey ctl``, convey/control/): :meth:`Pool.set_overlay` sets a server's weight or puts it in
+drain or maintenance on top of the file, as HAProxy's runtime API does (never written back). ``Server.weight`` is
+the weight in effect, ``Server.configured_weight`` the file's. A reload keeps the overlay of servers that still
+exist; one that changes a server's weight in the file clears that server's weight overlay (the newer decision wins).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from convey.balancing.schedulers import Scheduler, make_scheduler
 from convey.config import Address, BackendConfig
@@ -26,29 +32,60 @@ class HealthState:
     last_error: str | None = None
 
 
+class Admin(StrEnum):
+    """An operator's state for a server (the runtime overlay): no new connections either way; open ones go on."""
+
+    DRAIN = "drain"
+    MAINTENANCE = "maintenance"
+
+
+@dataclass(frozen=True, slots=True)
+class Overlay:
+    """What the runtime API set on a server: a weight (None: the file's) and an admin state (None: ready)."""
+
+    weight: int | None = None
+    admin: Admin | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"weight": self.weight, "admin": None if self.admin is None else str(self.admin)}
+
+
 @dataclass(slots=True, eq=False)
 class Server:
     name: str
     addr: Address
-    weight: int
+    weight: int  # in effect: the overlay's weight, else the file's
     healthy: bool = True
     removed: bool = False
     active: int = 0
     health: HealthState = field(default_factory=HealthState)
+    configured_weight: int = -1  # the file's weight (-1 at construction: the same as ``weight``)
+    overlay: Overlay | None = None  # the runtime overlay, None when nothing is set
+
+    def __post_init__(self) -> None:
+        if self.configured_weight < 0:
+            self.configured_weight = self.weight
+
+    @property
+    def admin(self) -> Admin | None:
+        return None if self.overlay is None else self.overlay.admin
 
     @property
     def state(self) -> str:
         if self.removed:
             return "removed-draining"
+        admin = self.admin
+        if admin is Admin.MAINTENANCE:
+            return "maintenance"
         if not self.healthy:
             return "down"
-        if self.weight == 0:
+        if self.weight == 0 or admin is Admin.DRAIN:
             return "draining"
         return "up"
 
     @property
     def eligible(self) -> bool:
-        return self.healthy and self.weight > 0 and not self.removed
+        return self.healthy and self.weight > 0 and not self.removed and self.admin is None
 
 
 class Pool:
@@ -73,6 +110,26 @@ class Pool:
             self._active,
             maglev_table_size=self.config.maglev_table_size,
         )
+
+    def set_overlay(self, name: str, overlay: Overlay | None) -> Server:
+        """Set (None: clear) a server's runtime overlay; KeyError for a server not in the config."""
+        server = self.servers[name]
+        if overlay == Overlay():
+            overlay = None
+        server.overlay = overlay
+        weight = None if overlay is None else overlay.weight
+        server.weight = server.configured_weight if weight is None else weight
+        self._scheduler = self._build()
+        return server
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The scheduler in use (rebuilt when servers, weights or health change)."""
+        return self._scheduler
+
+    def pick_detail(self) -> int:
+        """What the scheduler recorded about its last pick (a WRR turn, least_conn's open count; 0 otherwise)."""
+        return getattr(self._scheduler, "last", 0)
 
     def _active(self, name: str) -> int:
         server = self.servers.get(name)
@@ -143,6 +200,28 @@ class Pool:
                 return False
         return None
 
+    def server_states(self) -> dict[str, tuple[bool, Overlay | None]]:
+        """Each server's health and runtime overlay by name: what a supervisor sends its workers (see
+        :meth:`set_states`)."""
+        return {name: (server.healthy, server.overlay) for name, server in self.servers.items()}
+
+    def set_states(self, states: dict[str, tuple[bool, Overlay | None]]) -> bool:
+        """Take health and overlays decided elsewhere (a worker process takes the supervisor's checks and runtime
+        API); True when it changed anything. Unknown names are ignored: a reload may be on its way."""
+        changed = False
+        for name, (healthy, overlay) in states.items():
+            server = self.servers.get(name)
+            if server is None or (server.healthy, server.overlay) == (healthy, overlay):
+                continue
+            server.healthy = healthy
+            server.overlay = overlay
+            weight = None if overlay is None else overlay.weight
+            server.weight = server.configured_weight if weight is None else weight
+            changed = True
+        if changed:
+            self._scheduler = self._build()
+        return changed
+
     # -- reload ---------------------------------------------------------------------------------------------------
 
     def update(self, config: BackendConfig) -> list[str]:
@@ -160,18 +239,27 @@ class Pool:
                 if retired is not None:
                     del self.retired[retired.name]
                     retired.removed = False
+                    retired.overlay = None  # it left the config: its overlay went with it
+                    retired.weight = retired.configured_weight
                     server = retired
                     changes.append(f"server {sc.name} {sc.addr} re-added")
                 else:
                     server = Server(sc.name, sc.addr, sc.weight)
                     changes.append(f"server {sc.name} {sc.addr} added weight={sc.weight}")
-            if server.weight != sc.weight:
-                changes.append(f"server {sc.name} {sc.addr} weight {server.weight} -> {sc.weight}")
-                server.weight = sc.weight
+            if server.configured_weight != sc.weight:
+                changes.append(f"server {sc.name} {sc.addr} weight {server.configured_weight} -> {sc.weight}")
+                server.configured_weight = server.weight = sc.weight
+                if server.overlay is not None and server.overlay.weight is not None:  # the file's change wins
+                    changes.append(
+                        f"server {sc.name} {sc.addr} runtime weight {server.overlay.weight} cleared"
+                    )
+                    server.overlay = Overlay(None, server.overlay.admin) if server.overlay.admin else None
             server.name = sc.name
             new_servers[sc.name] = server
         for gone in by_addr.values():
             changes.append(f"server {gone.name} {gone.addr} removed (draining {gone.active} connections)")
+            gone.overlay = None
+            gone.weight = gone.configured_weight
             if gone.active > 0:
                 gone.removed = True
                 self.retired[gone.name] = gone

@@ -46,6 +46,7 @@ class SmoothWeightedRoundRobin:
         self._weights = [weight for _, weight in eligible]
         self._current = [0] * len(eligible)
         self._total = sum(self._weights)
+        self.last = 0  # picks made so far: the last pick's turn (GET /flows says "why this server")
 
     def pick(self, flow_hash: int = 0) -> ServerId | None:
         """The next server in the sequence; ``flow_hash`` is ignored."""
@@ -60,7 +61,15 @@ class SmoothWeightedRoundRobin:
             if value > best_value:
                 best, best_value = i, value
         current[best] -= self._total
+        self.last += 1
         return self._ids[best]
+
+    def weight_of(self, server: ServerId) -> tuple[int, int]:
+        """(the server's weight, the total weight): 0 for a server not in the sequence."""
+        try:
+            return self._weights[self._ids.index(server)], self._total
+        except ValueError:
+            return 0, self._total
 
 
 class LeastConnections:
@@ -77,6 +86,7 @@ class LeastConnections:
         self._weights = [weight for _, weight in eligible]
         self._active = active
         self._cursor = 0
+        self.last = 0  # the open connections of the last pick's server when it was picked (for GET /flows)
 
     def pick(self, flow_hash: int = 0) -> ServerId | None:
         """The least loaded server relative to its weight; ``flow_hash`` is ignored."""
@@ -97,6 +107,7 @@ class LeastConnections:
             if best < 0 or load * best_weight < best_load * weight:
                 best, best_load, best_weight = i, load, weight
         self._cursor = (best + 1) % n
+        self.last = best_load - 1
         return ids[best]
 
 

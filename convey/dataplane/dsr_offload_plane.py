@@ -61,8 +61,8 @@ def kernel_needs(rewrite: Rewrite) -> tuple[str, ...]:
 
 
 class DsrOffloadPlane(DsrPlane):
-    def __init__(self, pools: dict[str, Pool], stats: st.Stats, install_rules: bool = False) -> None:
-        super().__init__(pools, stats, install_rules)
+    def __init__(self, pools: dict[str, Pool], stats: st.Stats, **options: bool) -> None:
+        super().__init__(pools, stats, **options)
         self.plan: OffloadPlan | None = None
         self.server_marks: dict[str, int] = {}  # server id -> mark, both flavours (the entry's connmark)
         self.offload = OffloadAccounting(pools, stats, self._offload_drained)

@@ -30,8 +30,8 @@ __all__ = ["DsrPlane"]
 class DsrPlane(PacketPlane[Dsr]):
     mode = Mode.DSR
 
-    def __init__(self, pools: dict[str, Pool], stats: st.Stats, install_rules: bool = False) -> None:
-        super().__init__(pools, stats, install_rules)
+    def __init__(self, pools: dict[str, Pool], stats: st.Stats, **options: bool) -> None:
+        super().__init__(pools, stats, **options)
         self.marks: dict[str, int] = {}  # server id ("backend/server") -> fwmark, ``rewrite = "mac"``
 
     def _queue_num(self, config: Config) -> int:
@@ -46,7 +46,7 @@ class DsrPlane(PacketPlane[Dsr]):
             self._choose,
             ds.rewrite,
             self.marks,
-            on_flow_open=self.accounting.opened,
+            on_flow_open=self._flow_opened,
             on_flow_close=self.accounting.closed,
         )
 

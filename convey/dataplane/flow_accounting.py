@@ -7,21 +7,33 @@ core (``Flow.fwd_bytes`` client -> server, ``Flow.ret_bytes`` server -> client) 
 flow closes and whenever a snapshot is taken, as the original convey counts them: ``bytes_tx`` what the clients
 sent towards the servers, ``bytes_rx`` what came back.
 
+With ``[log] connections = true`` (:data:`convey.logs.CONNECTIONS`) a flow's close also logs its line: client,
+frontend, backend, server, duration, payload bytes both ways and ``end`` (``fin``, ``rst``, ``timeout`` when it
+expired before closing, ``shutdown``). Off, the cost is one attribute test per flow open and close.
+
 ``section`` builds the /stats "packet" section: the decision's counters, flows, clients refused (folded into the
 frontend, backend and total ``refused`` counters) and whatever the queue edge adds about itself.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from convey import stats as st
 from convey.balancing.pool import Pool, Server
+from convey.logs import CONNECTIONS, log_connection
+from convey.packet.flow import FlowState
 from convey.packet.flows import Flow, FlowTable
 
 __all__ = ["CoreCounters", "Decider", "FlowAccounting", "fold_refused"]
+
+log = logging.getLogger("convey.packet")
+REFUSED_LOG_INTERVAL = 10.0  # seconds: at most one event=refused line per frontend this often
 
 
 class CoreCounters(Protocol):
@@ -70,6 +82,8 @@ class FlowAccounting:
         self.on_drained = on_drained
         self.backend_of: Mapping[str, str] = {}
         self._open: dict[Flow, _Open] = {}
+        self._started: dict[Flow, float] = {}  # [log] connections: when each flow opened
+        self._refused_logged: dict[str, tuple[int, float]] = {}  # frontend -> (refused count logged, when)
 
     def __len__(self) -> int:
         return len(self._open)
@@ -84,12 +98,16 @@ class FlowAccounting:
         scopes = self.stats.scopes(flow.frontend, backend, name)
         st.opened(scopes)
         self._open[flow] = _Open(pool, server, scopes)
+        if CONNECTIONS.on:
+            self._started[flow] = time.monotonic()
 
-    def closed(self, flow: Flow) -> None:
+    def closed(self, flow: Flow, end: str = "") -> None:
         entry = self._open.pop(flow, None)
         if entry is None:
             return
         _fold(flow, entry)
+        if CONNECTIONS.on or self._started:
+            self._log_close(flow, end)
         entry.pool.release(entry.server)
         st.closed(entry.scopes)
         if entry.server.removed and entry.server.active <= 0 and self.on_drained is not None:
@@ -98,12 +116,33 @@ class FlowAccounting:
     def close_all(self) -> None:
         """Flows end with the process: count them closed so the stats stay exact."""
         for flow in list(self._open):
-            self.closed(flow)
+            self.closed(flow, "shutdown")
+
+    def _log_close(self, flow: Flow, end: str) -> None:
+        started = self._started.pop(flow, None)
+        if not CONNECTIONS.on:
+            return
+        if not end:
+            end = "timeout" if flow.state != FlowState.CLOSING else "rst" if flow.rst_closed else "fin"
+        client = f"{ipaddress.IPv4Address(flow.client_addr)}:{flow.client_port}"
+        backend, _, server = flow.server_id.partition("/")
+        # From the first packet to the last (the flow is removed a linger or a timeout later).
+        duration = -1.0 if started is None else max(0.0, flow.last_seen - started)
+        log_connection(flow.frontend, backend, server, client, duration, flow.fwd_bytes, flow.ret_bytes, end)
 
     def fold_bytes(self) -> None:
         """Bring the scopes' byte counters up to date with the open flows."""
         for flow, entry in self._open.items():
             _fold(flow, entry)
+
+    def report_refused(self, by_frontend: Mapping[str, int], now: float) -> None:
+        """A WARNING for the clients each frontend refused since its last line (``clients=N``), at most one per
+        frontend every REFUSED_LOG_INTERVAL seconds (the plane's housekeeping calls this: never per packet)."""
+        for frontend, n in by_frontend.items():
+            logged, at = self._refused_logged.get(frontend, (0, -REFUSED_LOG_INTERVAL))
+            if n > logged and now - at >= REFUSED_LOG_INTERVAL:
+                self._refused_logged[frontend] = (n, now)
+                log.warning("event=refused frontend=%s clients=%d total=%d", frontend, n - logged, n)
 
     def fold_refused(self, by_frontend: Mapping[str, int]) -> None:
         """Clients the decision refused, per frontend, into the frontend, backend and total counters."""

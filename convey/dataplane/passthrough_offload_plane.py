@@ -34,7 +34,7 @@ from convey.dataplane.conntrack_records import HeaderSizes, Ledger, MarkFilter
 from convey.dataplane.nfqueue import Batch
 from convey.dataplane.offload_accounting import OffloadAccounting
 from convey.dataplane.plane import PacketPlane
-from convey.dataplane.rules.offload import OffloadPlan, offload_plan
+from convey.dataplane.rules.offload import WORKER_FIELD, OffloadPlan, offload_plan, worker_bits
 from convey.dataplane.rules.offload_kernel import require_kernel
 from convey.dataplane.verdict_sender import (
     VerdictSender,
@@ -52,9 +52,13 @@ log = logging.getLogger("convey.packet")
 class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
     mode = Mode.PASSTHROUGH
 
-    def __init__(self, pools: dict[str, Pool], stats: st.Stats, install_rules: bool = False) -> None:
-        super().__init__(pools, stats, install_rules)
+    def __init__(self, pools: dict[str, Pool], stats: st.Stats, worker: int = -1, **options: bool) -> None:
+        super().__init__(pools, stats, **options)
         self.plan: OffloadPlan | None = None
+        # A worker process (convey/workers/): its number in every mark it gives, so conntrack's events of its
+        # connections come to it alone; the plan is the supervisor's (``fixed_plan``), the same in every worker.
+        self.worker_bits = worker_bits(worker) if worker >= 0 else 0
+        self.fixed_plan: OffloadPlan | None = None
         self.offload = OffloadAccounting(pools, stats, self._offload_drained)
         self.monitor: conntrack.Monitor | None = None
         self._sizes: tuple[int, int, bool] | None = None
@@ -65,7 +69,7 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
     async def start(self, config: Config) -> None:
         # before anything changes: a kernel without conntrack, NAT, connmark or ctnetlink -> OffloadUnavailable
         await asyncio.to_thread(require_kernel, config, self.mode)
-        self.plan = offload_plan(config, self.mode)
+        self.plan = self.fixed_plan or offload_plan(config, self.mode)
         await super().start(config)
 
     async def _start(self, config: Config) -> None:
@@ -86,7 +90,12 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
 
     def _start_monitor(self) -> None:
         assert self.plan is not None
-        ledger = Ledger(ours=MarkFilter(mask=self.plan.mask))
+        ours = (
+            MarkFilter(WORKER_FIELD, self.worker_bits)
+            if self.worker_bits
+            else MarkFilter(mask=self.plan.mask)
+        )
+        ledger = Ledger(ours=ours)
         self.monitor = conntrack.Monitor(ledger, self.offload.apply)
         try:
             self.monitor.start(asyncio.get_running_loop())  # dumps first: live connections are adopted
@@ -113,7 +122,7 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
             return None
         n = len(plan.sources)
         try:
-            return plan.mark(server_id, flow_hash % n if n > 1 else 0)
+            return plan.mark(server_id, flow_hash % n if n > 1 else 0) | self.worker_bits
         except (KeyError, IndexError, ValueError):
             return None
 
@@ -160,8 +169,19 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
         configured = {f"{b.name}/{s.name}" for b in config.backends.values() for s in b.servers}
         return tuple(sorted(self.offload.servers_in_use() - configured))
 
+    def set_plan(self, plan: OffloadPlan) -> None:
+        """A worker process: the supervisor's plan (at start, with a reload, after a drained server)."""
+        self.fixed_plan = self.plan = plan
+        self.offload.server_of = plan.server_of
+
+    def servers_in_use(self) -> list[str]:
+        """Servers conntrack still holds this process's connections to (the supervisor's ``keep``)."""
+        return sorted(self.offload.servers_in_use())
+
     async def _prepare_reload(self, config: Config) -> None:
-        self.plan = offload_plan(config, self.mode, previous=self.plan, keep=self._kept(config))
+        self.plan = self.fixed_plan or offload_plan(
+            config, self.mode, previous=self.plan, keep=self._kept(config)
+        )
 
     def _loaded(self, config: Config) -> None:
         assert self.plan is not None
@@ -177,6 +197,9 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
     def _offload_drained(self, server_id: str) -> None:
         """The last connection of a server removed from the config closed: its mark and rules can go."""
         if self.config is None or self._queue is None:
+            return
+        if self.fixed_plan is not None:  # a worker: the supervisor sees it in its next poll and sends a plan
+            log.info("event=server_drained server=%s", server_id)
             return
         self.plan = offload_plan(self.config, self.mode, previous=self.plan, keep=self._kept(self.config))
         self.offload.server_of = self.plan.server_of

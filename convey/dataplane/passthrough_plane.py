@@ -63,8 +63,8 @@ def _lookup_sources(addrs: list[bytes]) -> dict[bytes, bytes]:
 class PassthroughPlane(PacketPlane[Passthrough]):
     mode = Mode.PASSTHROUGH
 
-    def __init__(self, pools: dict[str, Pool], stats: st.Stats, install_rules: bool = False) -> None:
-        super().__init__(pools, stats, install_rules)
+    def __init__(self, pools: dict[str, Pool], stats: st.Stats, **options: bool) -> None:
+        super().__init__(pools, stats, **options)
         self.ports: PortAllocator | RoutedPorts | None = None
         self._routed: RoutedPorts | None = None  # the ports, when their source address follows the routes
         self._sources: dict[bytes, bytes] = {}  # server addr -> our source addr towards it
@@ -76,12 +76,6 @@ class PassthroughPlane(PacketPlane[Passthrough]):
 
     async def _prepare(self, config: Config) -> None:
         pt = config.passthrough
-        if pt.workers > 1:
-            log.warning(
-                "event=workers_reduced configured=%d running=1 reason=%r",
-                pt.workers,
-                "multi-core workers are not implemented; one worker handles every packet",
-            )
         lo, hi = pt.port_range
         if pt.source_addrs:
             self.ports = PortAllocator(lo, hi, tuple(inet(a) for a in pt.source_addrs), pt.port_reuse_delay)
@@ -99,7 +93,7 @@ class PassthroughPlane(PacketPlane[Passthrough]):
             self.ports,
             flows,
             self._choose,
-            on_flow_open=self.accounting.opened,
+            on_flow_open=self._flow_opened,
             on_flow_close=self.accounting.closed,
         )
 

@@ -30,12 +30,15 @@ from typing import Any, ClassVar, Generic, Protocol, TypeVar, cast
 from convey import stats as st
 from convey.balancing.pool import Pool, Server
 from convey.config import Address, Config, offloaded
+from convey.control.flows import Query, Selection, packet_select, stamp
 from convey.dataplane import rules
 from convey.dataplane.flow_accounting import Decider, FlowAccounting
 from convey.dataplane.nfqueue import Batch, QueueEdge, RawSender, open_queue, queue_counters
 from convey.dataplane.verdict_sender import threaded
 from convey.errors import ConveyError, StartupError
 from convey.modes import Mode
+from convey.packet.flow import Flow
+from convey.packet.flows import FlowTable
 
 __all__ = ["HOUSEKEEPING_INTERVAL", "PacketPlane", "inet"]
 
@@ -67,10 +70,14 @@ class PacketPlane(ABC, Generic[D]):
 
     mode: ClassVar[Mode]
 
-    def __init__(self, pools: dict[str, Pool], stats: st.Stats, install_rules: bool = False) -> None:
+    def __init__(
+        self, pools: dict[str, Pool], stats: st.Stats, install_rules: bool = False, manage_rules: bool = True
+    ) -> None:
         self.pools = pools
         self.stats = stats
         self.install_rules = install_rules
+        # False in a worker process: the supervisor checks, installs and updates the rules of all workers.
+        self.manage_rules = manage_rules
         self.config: Config | None = None
         self.vips: dict[tuple[bytes, int], str] = {}
         self.backend_of: dict[str, str] = {}
@@ -84,6 +91,7 @@ class PacketPlane(ABC, Generic[D]):
         self._task: asyncio.Task[None] | None = None
         self._rules_lock = asyncio.Lock()
         self._rules_tasks: set[asyncio.Task[bool]] = set()
+        self._picked = 0  # the scheduler's detail of the last pick (see _flow_opened)
 
     # -- what a mode provides ---------------------------------------------------------------------------------
 
@@ -162,7 +170,7 @@ class PacketPlane(ABC, Generic[D]):
     async def _update_rules(self, reason: str) -> bool:
         """Bring the rules in line with the live config (and draining servers); True when they changed."""
         async with self._rules_lock:
-            if self.config is None:
+            if self.config is None or not self.manage_rules:
                 return False
             config = self._rules_config(self.config)
             try:
@@ -211,13 +219,27 @@ class PacketPlane(ABC, Generic[D]):
         server = pool.pick(flow_hash)
         if server is None:
             return None
+        self._picked = pool.pick_detail()  # for the flow this opens (_flow_opened)
         # Server ids are "backend/server" so a mark or a flow names its pool unambiguously.
         return (f"{pool.name}/{server.name}", self._server_addr(server.addr), server.addr.port)
+
+    def _flow_opened(self, flow: Flow) -> None:
+        """A flow opened (its server was just chosen): record the pick for GET /flows, then account for it."""
+        flow.pick = stamp(flow.last_seen, self._picked)
+        self.accounting.opened(flow)
+
+    def flows(self, query: Query) -> Selection:
+        """The flows this plane tracks that ``query`` asks for, for GET /flows (none without a flow table)."""
+        table = getattr(self.decider, "flows", None)
+        if not isinstance(table, FlowTable):
+            return [], 0
+        return packet_select(table, time.monotonic(), query)
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
     async def start(self, config: Config) -> None:
-        await asyncio.to_thread(self._ensure_rules, config, True)
+        if self.manage_rules:
+            await asyncio.to_thread(self._ensure_rules, config, True)
         try:
             await self._start(config)
         except BaseException:
@@ -298,9 +320,11 @@ class PacketPlane(ABC, Generic[D]):
             if decider is None:
                 continue
             try:
-                decider.expire(time.monotonic())
+                now = time.monotonic()
+                decider.expire(now)
                 if decider.rst_out:
                     self._send_resets(decider.rst_out)
+                self.accounting.report_refused(cast(Decider, decider).refused, now)  # rate-limited WARNING
             except Exception:
                 log.exception("event=housekeeping_error")
 

@@ -144,7 +144,20 @@ class Flow:
     one subtracts them.
     """
 
-    __slots__ = ("count", "fwd_head", "ip_delta", "last_seen", "meta", "ret_head", "state", "tcp_delta")
+    # ``pick`` (set by the plane when the flow opens, unset otherwise): when it opened and the scheduler's detail
+    # in one int, for GET /flows (convey.control.flows.stamp).
+    __slots__ = (
+        "count",
+        "fwd_head",
+        "ip_delta",
+        "last_seen",
+        "meta",
+        "pick",
+        "ret_head",
+        "state",
+        "tcp_delta",
+    )
+    pick: int
 
     def __init__(
         self,

@@ -29,7 +29,7 @@ from convey.balancing.pool import Pool
 from convey.balancing.schedulers import flow_hash
 from convey.config import FrontendConfig
 from convey.proxy.accept import Acceptor
-from convey.proxy.relay import Client
+from convey.proxy.relay import Client, limited
 from convey.proxy.resources import LINGER_RST, is_local_error, set_keepalive
 from convey.stats import Counters, Stats
 
@@ -58,7 +58,9 @@ class ProxyFrontend:
         stats: Stats,
         connect_timeout: float | None = None,
         max_attempts: int = 3,
+        reuse_port: bool = False,
     ) -> None:
+        self.reuse_port = reuse_port  # worker processes: every worker listens on the address (SO_REUSEPORT)
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
         if connect_timeout is not None and connect_timeout <= 0:
@@ -98,6 +100,8 @@ class ProxyFrontend:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((addr.host, addr.port))
             sock.listen(1024)
             sock.setblocking(False)
@@ -213,8 +217,7 @@ class ProxyFrontend:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RST)
             sock.close()
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("frontend=%s event=refused reason=max_connections client=%s", config.name, addr)
+            limited.log(logging.WARNING, (config.name, "max_connections"), "event=refused frontend=%s reason=max_connections client=%s", config.name, addr)  # fmt: skip
             return
         sock.setblocking(False)
         if config.tcp_keepalive:

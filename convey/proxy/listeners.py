@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from convey.balancing.pool import Pool
 from convey.config import Config, FrontendConfig
+from convey.control.flows import FlowRow, Query, Selection, select
 from convey.proxy.frontend import ProxyFrontend
 from convey.stats import Stats
 
@@ -16,22 +17,32 @@ log = logging.getLogger("convey.proxy")
 
 
 class ProxyPlane:
-    def __init__(self, pools: Mapping[str, Pool], stats: Stats, connect_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        pools: Mapping[str, Pool],
+        stats: Stats,
+        connect_timeout: float | None = None,
+        reuse_port: bool = False,
+    ) -> None:
         self.pools = pools
         self.stats = stats
         self.connect_timeout = connect_timeout  # None: each backend's connect_timeout
+        self.reuse_port = reuse_port  # worker processes share each listening address
         self.frontends: dict[str, ProxyFrontend] = {}
         self._closing: list[ProxyFrontend] = []
         stats.sections["proxy"] = self.section
 
     async def start(self, config: Config) -> None:
         for front in config.frontends.values():
-            listener = ProxyFrontend(front, self.pools, self.stats, connect_timeout=self.connect_timeout)
-            await listener.start()
-            self.frontends[front.name] = listener
-            log.info(
-                "event=listening frontend=%s addr=%s backend=%s", front.name, front.listen_addr, front.backend
+            listener = ProxyFrontend(
+                front,
+                self.pools,
+                self.stats,
+                connect_timeout=self.connect_timeout,
+                reuse_port=self.reuse_port,
             )
+            await listener.start()
+            self.frontends[front.name] = listener  # ProxyFrontend.start logged event=listening
 
     async def apply(self, config: Config) -> list[str]:
         """Add, remove and re-point listeners. Connections in flight on a removed listener continue."""
@@ -49,7 +60,13 @@ class ProxyPlane:
         for name, front in config.frontends.items():
             if name in self.frontends:
                 continue
-            listener = ProxyFrontend(front, self.pools, self.stats, connect_timeout=self.connect_timeout)
+            listener = ProxyFrontend(
+                front,
+                self.pools,
+                self.stats,
+                connect_timeout=self.connect_timeout,
+                reuse_port=self.reuse_port,
+            )
             try:
                 await listener.start()
             except OSError as exc:
@@ -70,6 +87,36 @@ class ProxyPlane:
 
     def sections(self) -> dict[str, Any]:
         return {}
+
+    def flows(self, query: Query) -> Selection:
+        """The connections in flight that ``query`` asks for, for GET /flows."""
+        return select(self._rows(), query)
+
+    def _rows(self) -> Iterator[FlowRow]:
+        """Every connection in flight (those of listeners closed by a reload included)."""
+        for listener in [*self.frontends.values(), *self._closing]:
+            now = listener._loop.time() if listener._loop is not None else 0.0
+            listen = listener.config.listen_addr
+            for conn in list(listener._conns):
+                peer = conn.transport.get_extra_info("peername") or ("?", 0)
+                server, pool = conn._server, conn._pool
+                linked = server is not None and conn._up is not None
+                own = conn._scopes[-1] if linked else None  # the connection's own scope (relay.Client._link)
+                up_eof = conn._up is not None and conn._up._eof
+                state = "connecting" if not linked else "closing" if conn._eof or up_eof else "established"
+                yield FlowRow(
+                    str(peer[0]),
+                    int(peer[1]),
+                    listen.host,
+                    listen.port,
+                    listener.config.name,
+                    f"{pool.name}/{server.name}" if server is not None and pool is not None else "-",
+                    state,
+                    now - conn._born,
+                    own.bytes_tx if own is not None else 0,
+                    own.bytes_rx if own is not None else 0,
+                    conn._why,
+                )
 
     def section(self) -> dict[str, Any]:
         """/stats ``proxy``: per frontend, its limits and what they did (see ProxyFrontend.section)."""

@@ -39,6 +39,7 @@ import logging
 from typing import TYPE_CHECKING, cast
 
 from convey.balancing.pool import Pool, Server
+from convey.logs import CONNECTIONS, ConnectionRecord, LogLimiter
 from convey.proxy.resources import LINGER_RST as _LINGER_RST  # noqa: F401 (tests use relay._LINGER_RST)
 from convey.proxy.resources import is_local_error, set_keepalive
 from convey.proxy.resources import reset_transport as _reset
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
     from convey.proxy.frontend import ProxyFrontend
 
 log = logging.getLogger(__name__)
+# Refusals and failed connects: WARNING, at most one line per frontend/server and reason per 10 s (``suppressed=N``).
+limited = LogLimiter(log, 10.0)
 
 __all__ = ["Client"]
 
@@ -79,6 +82,7 @@ class Client(asyncio.Protocol):
     """The client side of one proxied connection; owns the connection's state and accounting."""
 
     __slots__ = (
+        "_born",
         "_done",
         "_eof",
         "_fe",
@@ -88,11 +92,13 @@ class Client(asyncio.Protocol):
         "_peer",
         "_pending",
         "_pool",
+        "_rec",
         "_scopes",
         "_server",
         "_task",
         "_timed_out",
         "_up",
+        "_why",
         "transport",
     )
 
@@ -108,11 +114,13 @@ class Client(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._timed_out = False  # the connect attempt in progress was cancelled by its timer
         self._scopes: tuple[Counters, ...] = ()
+        self._rec: ConnectionRecord | None = None  # [log] connections: this connection's counters
         self._eof = False  # the client has sent EOF
         self._full = False  # the client transport's write buffer is above its high-water mark
         self._lost = False  # the client transport is gone
         self._done = False  # accounting done
         self._idle = 0  # idle sweeps since the last byte either way (ProxyFrontend._sweep)
+        self._born, self._why = 0.0, 0  # when accepted; the scheduler's detail of the pick (GET /flows)
 
     # The loops give a TCP transport (uvloop's is no asyncio.Transport subclass but has the same methods).
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -125,28 +133,27 @@ class Client(asyncio.Protocol):
         if config is not fe._scopes_config:
             config = fe._refresh()
         scopes = self._scopes = fe._scopes
+        if CONNECTIONS.on:  # the per-connection line: its own counters, counted with the other scopes
+            self._rec = rec = ConnectionRecord(transport.get_extra_info("peername"))
+            scopes = self._scopes = (*scopes, rec)
         for c in scopes:  # stats.opened, inlined
             c.total_connections += 1
             c.current_connections += 1
         fe._conns.add(self)
+        assert fe._loop is not None
+        self._born = fe._loop.time()
         pool = fe.pools.get(config.backend)
         candidates: list[Server] = []
         if pool is not None:
             h = 0 if pool.scheduler_name in _HASH_FREE_SCHEDULERS else fe._flow_hash(transport)
             candidates = pool.candidates(h, fe.max_attempts)
+            self._why = pool.pick_detail()
         if not candidates:
             refused(scopes)
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "frontend=%s event=refused backend=%s client=%s",
-                    config.name,
-                    config.backend,
-                    transport.get_extra_info("peername"),
-                )
+            limited.log(logging.WARNING, (config.name, "no_server"), "event=refused frontend=%s backend=%s reason=no_server client=%s", config.name, config.backend, transport.get_extra_info("peername"))  # fmt: skip
             _reset(transport)
             return
         self._pool = pool
-        assert fe._loop is not None
         self._task = fe._loop.create_task(self._connect(candidates, config.backend))
 
     async def _connect(self, candidates: list[Server], backend: str) -> None:  # one loop over the attempts
@@ -195,23 +202,15 @@ class Client(asyncio.Protocol):
                 if self._lost:
                     transport.close()
                     return
+                self._why = self._why if i == 1 else 1 - i  # GET /flows: -N, the Nth fallback after the pick
                 self._link(up, transport, server, backend)
                 return
             timer.cancel()
             failed((fe.stats.server(backend, server.name),))
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "frontend=%s event=connect_failed backend=%s server=%s addr=%s error=%r",
-                    fe.config.name,
-                    backend,
-                    server.name,
-                    addr,
-                    error,
-                )
+            limited.log(logging.WARNING, (backend, server.name), "event=connect_failed frontend=%s backend=%s server=%s addr=%s error=%r", fe.config.name, backend, server.name, addr, error)  # fmt: skip
         self._task = None
         failed(self._scopes)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("frontend=%s event=all_failed backend=%s", fe.config.name, backend)
+        limited.log(logging.WARNING, (fe.config.name, "all_failed"), "event=refused frontend=%s backend=%s reason=all_failed attempts=%d", fe.config.name, backend, len(candidates))  # fmt: skip
         if not self._lost:
             _reset(self.transport)
 
@@ -228,7 +227,8 @@ class Client(asyncio.Protocol):
         self._server = server
         server_scope = self._fe.stats.server(backend, server.name)
         opened((server_scope,))
-        scopes = self._scopes = up._scopes = (*self._scopes, server_scope)
+        # The last scope is the connection's own (its bytes, for GET /flows: convey.proxy.listeners).
+        scopes = self._scopes = up._scopes = (*self._scopes, server_scope, Counters())
         self._up = up
         up._linked = True
         client = self.transport
@@ -337,11 +337,16 @@ class Client(asyncio.Protocol):
             self._finish()
         else:
             up.transport.close()  # flushes what the client sent before going away
-        if exc is not None and log.isEnabledFor(logging.DEBUG):
-            log.debug("frontend=%s event=client_lost error=%r", self._fe.config.name, exc)
+        if exc is not None:
+            if self._rec is not None and not self._rec.end:
+                self._rec.end = "client_error"
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("frontend=%s event=client_lost error=%r", self._fe.config.name, exc)
 
     def abort(self) -> None:
-        """Drop the connection now (frontend shutdown)."""
+        """Drop the connection now (idle timeout, or shutdown after the drain period)."""
+        if self._rec is not None and not self._rec.end:
+            self._rec.end = "aborted"
         task = self._task
         if task is not None and not task.done():
             task.cancel()
@@ -362,6 +367,8 @@ class Client(asyncio.Protocol):
             assert self._pool is not None
             self._pool.release(server)
         self._fe._forget(self)
+        if self._rec is not None:
+            self._rec.close(self._fe.config.name, self._fe.config.backend, server.name if server else None)
 
 
 class _Upstream(asyncio.Protocol):
@@ -445,5 +452,8 @@ class _Upstream(asyncio.Protocol):
             client._finish()
         else:
             client.transport.close()  # flushes what the server sent before going away
-        if exc is not None and log.isEnabledFor(logging.DEBUG):
-            log.debug("frontend=%s event=server_lost error=%r", client._fe.config.name, exc)
+        if exc is not None:
+            if client._rec is not None and not client._rec.end:
+                client._rec.end = "server_error"
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("frontend=%s event=server_lost error=%r", client._fe.config.name, exc)

@@ -107,10 +107,12 @@ def test_weights_reload_health_stats_end_to_end(
     assert (doc["total_bytes_rx"], doc["total_bytes_tx"]) == (doc["bytes_rx"], doc["bytes_tx"])
     assert doc["total_bytes_rx"] == pool["bytes_rx"] and doc["total_bytes_tx"] == pool["bytes_tx"]
     metrics = stats(sport, "/metrics")
-    assert f'convey_server_up{{addr="{a.addr}",backend="pool",server="a"}} 1.0' in metrics
-    assert 'convey_frontend_total_connections_total{frontend="web"}' in metrics
-    for key in ("reloads", "reload_failures", "reload_errors"):
-        assert f"convey_{key}_total {float(doc[key])}" in metrics
+    assert 'convey_server_up{backend="pool",server="a"} 1.0' in metrics
+    assert f'convey_server_info{{addr="{a.addr}",backend="pool",server="a"}} 1.0' in metrics
+    assert 'convey_server_state{backend="pool",server="a",state="up"} 1.0' in metrics
+    assert f'convey_frontend_connections_total{{frontend="web"}} {float(sum(answers.values()))}' in metrics
+    for key, result in (("reloads", "applied"), ("reload_failures", "rejected"), ("reload_errors", "error")):
+        assert f'convey_reloads_total{{result="{result}"}} {float(doc[key])}' in metrics
     page = stats(sport, "/")
     assert "convey (proxy mode)" in page and a.addr in page
 

@@ -21,7 +21,7 @@ import ipaddress
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
-from convey.config import Config, ConfigError
+from convey.config import Config, ConfigError, workers_for
 from convey.dataplane.rules.ruleset import (
     IP_FORWARD,
     LOCAL_RULE_PREF,
@@ -38,6 +38,7 @@ from convey.dataplane.rules.ruleset import (
     uses_marks,
 )
 from convey.modes import Mode
+from convey.workers.slices import client_steer_match
 
 PREROUTING_CHAIN = "CONVEY-PREROUTING"
 POSTROUTING_CHAIN = "CONVEY-POSTROUTING"
@@ -62,8 +63,19 @@ PASSTHROUGH_MASK = 0xFFFFFF
 SERVER_SHIFT = 8
 SERVER_FIELD = 0xFFFF00
 SOURCE_FIELD = 0xFF
+# with N > 1 worker processes, bits 24-31 name the worker (index + 1) that decided the connection: its conntrack
+# events go to it alone (conntrack_bpf's filter), and the mask grows to the whole mark
+WORKER_SHIFT = 24
+WORKER_FIELD = 0xFF000000
+MAX_OFFLOAD_WORKERS = WORKER_FIELD >> WORKER_SHIFT
 # DSR marks: the whole mark names the server (the mac flavour's ip rules match it exactly)
 DSR_MASK = 0xFFFFFFFF
+
+
+def worker_bits(index: int) -> int:
+    """The mark bits of worker ``index`` (0-based) of several (passthrough offload)."""
+    return (index + 1) << WORKER_SHIFT
+
 
 CT_ACCT = "net.netfilter.nf_conntrack_acct"
 CT_EVENTS = "net.netfilter.nf_conntrack_events"
@@ -139,7 +151,8 @@ def offload_plan(
                 config.path, "passthrough.source_addrs", f"offload allows at most {SOURCE_FIELD} addresses"
             )
         servers = _allocate(ids, old, kept, 1 << SERVER_SHIFT, 1 << SERVER_SHIFT, SERVER_FIELD)
-        return OffloadPlan(PASSTHROUGH_MASK, servers, sources, SERVER_FIELD)
+        mask = PASSTHROUGH_MASK | (WORKER_FIELD if workers_for(config, mode) > 1 else 0)
+        return OffloadPlan(mask, servers, sources, SERVER_FIELD)
     if uses_marks(config, mode):
         return OffloadPlan(DSR_MASK, _mac_marks(config, old, kept), (), DSR_MASK)
     base = config.dsr.fwmark_base
@@ -242,16 +255,19 @@ def passthrough_chains(config: Config, plan: OffloadPlan) -> dict[ChainKey, list
     """The passthrough offload rules per (table, chain), each as iptables-save prints it."""
     mask, chain, post = plan.mask, PREROUTING_CHAIN, POSTROUTING_CHAIN
     fronts = _frontends(config, Mode.PASSTHROUGH)
-    queue = f"-j NFQUEUE --queue-num {_queue_num(config, Mode.PASSTHROUGH)} --queue-bypass"
+    base, count = _queue_num(config, Mode.PASSTHROUGH), workers_for(config, Mode.PASSTHROUGH)
     mangle = [f"-A {chain} {m} -m conntrack --ctstate INVALID {_comment(c)} -j DROP" for m, c in fronts]
     mangle += [
         f"-A {chain} {m} -m conntrack --ctstate INVALID {_comment(c)} -j DROP"
         for m, c in _return_matches(config)
     ]
-    mangle += [
-        f"-A {chain} {m} -m conntrack --ctstate NEW -m connmark --mark {_mask(0, mask)} {_comment(c)} {queue}"
-        for m, c in fronts
-    ]
+    for m, c in fronts:  # one queue per worker, by client port bits (convey.workers.slices)
+        for i in range(count):
+            steer = client_steer_match(i, count)
+            mangle.append(
+                f"-A {chain} {m}{' ' + steer if steer else ''} -m conntrack --ctstate NEW -m connmark --mark "
+                f"{_mask(0, mask)} {_comment(c)} -j NFQUEUE --queue-num {base + i} --queue-bypass"
+            )
     nat_pre = [_save_mark(chain, mask), *_dnat_rules(config, plan, chain)]
     lo, hi = config.passthrough.port_range
     if plan.sources:

@@ -25,9 +25,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from convey.config import Config, ConfigError
+from convey.config import Config, ConfigError, workers_for
 from convey.errors import ConveyError
 from convey.modes import PACKET_MODES, Mode, Rewrite
+from convey.workers.slices import client_steer_match, icmp_steer_matches, return_port_ranges
 
 MODES = PACKET_MODES
 TABLE = "raw"
@@ -96,12 +97,18 @@ def chain_rules(config: Config, mode: str) -> list[str]:
     # must be dropped (TCP retransmits them) rather than accepted, since the balancer's own stack would answer
     # them with a RST (the VIP is local) and end connections a restarted convey would otherwise keep.
     bypass = " --queue-bypass" if mode == Mode.PASSTHROUGH else ""
-    queue = f"-j NFQUEUE --queue-num {_queue_num(config, mode)}{bypass}"
+    count = workers_for(config, mode)
+    base = _queue_num(config, mode)
     rules: list[str] = []
+
+    def queued(match: str, comment: str, steer: str, index: int) -> str:
+        """The rule handing ``match`` (narrowed by ``steer``) to worker ``index``'s queue."""
+        match = f"{match} {steer}" if steer else match
+        return f"-A {CHAIN} {match} {_comment(comment)} -j NFQUEUE --queue-num {base + index}{bypass}"
 
     def pair(match: str, comment: str) -> None:
         rules.append(f"-A {CHAIN} {match} {_comment(comment)} -j CT --notrack")
-        rules.append(f"-A {CHAIN} {match} {_comment(comment)} {queue}")
+        rules.extend(queued(match, comment, client_steer_match(i, count), i) for i in range(count))
 
     for front in config.frontends.values():
         if ipaddress.IPv4Address(front.listen_addr.host).is_unspecified:
@@ -113,10 +120,30 @@ def chain_rules(config: Config, mode: str) -> list[str]:
         vip = front.listen_addr
         pair(f"-d {vip.host}/32 -p tcp -m tcp --dport {vip.port}", f"convey frontend {front.name}")
     if mode == Mode.PASSTHROUGH:
-        for match, comment in _return_matches(config):
-            pair(match, comment)
+        # The servers' replies: each worker's slice of the port range goes to its queue.
+        slices = return_port_ranges(config, count)
+        for (match, comment), *by_worker in zip(
+            _return_matches(config), *(_return_matches(config, ports) for ports in slices), strict=True
+        ):
+            rules.append(f"-A {CHAIN} {match} {_comment(comment)} -j CT --notrack")
+            rules.extend(queued(m, c, "", i) for i, (m, c) in enumerate(by_worker))
         # ICMP errors: queued without CT --notrack (see the module doc); from lo: OUTPUT_CHAIN had them
-        rules += [f"-A {CHAIN} {m} {_comment(c)} {queue}" for m, c in _icmp_matches(config, "! -i lo")]
+        rules += _icmp_rules(config, CHAIN, "! -i lo", bypass)
+    return rules
+
+
+def _icmp_rules(config: Config, chain: str, iface: str, bypass: str) -> list[str]:
+    """Passthrough: the ICMP error rules of ``chain``, steered to the worker whose flow the error quotes."""
+    count = workers_for(config, Mode.PASSTHROUGH)
+    base = _queue_num(config, Mode.PASSTHROUGH)
+    rules = []
+    for match, comment in _icmp_matches(config, iface):
+        for i in range(count):
+            for steer in icmp_steer_matches(config, Mode.PASSTHROUGH, i, count):
+                full = f"{match} {steer}" if steer else match
+                rules.append(
+                    f"-A {chain} {full} {_comment(comment)} -j NFQUEUE --queue-num {base + i}{bypass}"
+                )
     return rules
 
 
@@ -125,8 +152,7 @@ def output_rules(config: Config, mode: str) -> list[str]:
     sends to a VIP or to its source addresses, which go out through ``lo``."""
     if packet_mode(mode) != Mode.PASSTHROUGH:
         return []
-    queue = f"-j NFQUEUE --queue-num {_queue_num(config, Mode.PASSTHROUGH)} --queue-bypass"
-    return [f"-A {OUTPUT_CHAIN} {m} {_comment(c)} {queue}" for m, c in _icmp_matches(config, "-o lo")]
+    return _icmp_rules(config, OUTPUT_CHAIN, "-o lo", " --queue-bypass")
 
 
 def chains(config: Config, mode: str) -> dict[tuple[str, str], list[str]]:
@@ -153,9 +179,10 @@ def _icmp_matches(config: Config, iface: str) -> list[tuple[str, str]]:
     return matches
 
 
-def _return_matches(config: Config) -> list[tuple[str, str]]:
-    """Passthrough: the servers' replies to the ephemeral range, one match per server address and source."""
-    lo, hi = config.passthrough.port_range
+def _return_matches(config: Config, span: tuple[int, int] | None = None) -> list[tuple[str, str]]:
+    """Passthrough: the servers' replies to the ephemeral range (or ``span``, a worker's slice of it), one
+    match per server address and source."""
+    lo, hi = span or config.passthrough.port_range
     sources = config.passthrough.source_addrs or (None,)
     seen = set()
     matches = []
