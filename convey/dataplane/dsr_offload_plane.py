@@ -32,6 +32,7 @@ from typing import Any
 from convey import stats as st
 from convey.balancing.pool import Pool
 from convey.config import Config
+from convey.control.flows import Query, Selection
 from convey.dataplane import conntrack, conntrack_check
 from convey.dataplane.conntrack_records import ONE_WAY_CLOSED_STATES, FlowTuple, Ledger, MarkFilter
 from convey.dataplane.dsr_plane import DsrPlane
@@ -223,6 +224,10 @@ class DsrOffloadPlane(DsrPlane):
         return on_packet
 
     # -- stats ------------------------------------------------------------------------------------------------
+
+    def flows(self, query: Query) -> Selection:
+        """GET /flows: the connections conntrack reported open (see ``OffloadAccounting.flows``)."""
+        return self.offload.flows(query, time.monotonic())
 
     def _sections(self) -> dict[str, Callable[[], dict[str, Any]]]:
         return {"dsr": self.dsr_section, "offload": self.offload_section}

@@ -20,12 +20,15 @@ Clients the decision refused are folded per frontend into the scopes' ``refused`
 
 from __future__ import annotations
 
+import socket
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from convey import stats as st
 from convey.balancing.pool import Pool, Server
+from convey.control.flows import FlowRow, Query, Selection, select
 from convey.dataplane.conntrack_records import Accounted, Change, Closed, Opened
 from convey.dataplane.flow_accounting import fold_refused
 
@@ -44,6 +47,13 @@ class _Conn:
     server: Server
     server_id: str
     scopes: tuple[st.Counters, ...]
+    key: bytes = (
+        b""  # the original tuple: client addr 0..4, VIP addr 4..8, client port 8..10, VIP port 10..12
+    )
+    frontend: str = ""
+    since: float = 0.0  # time.monotonic() when conntrack reported it (GET /flows' age)
+    tx: int = 0  # payload bytes reported so far (conntrack reports them at the close)
+    rx: int = 0
 
 
 class OffloadAccounting:
@@ -112,7 +122,9 @@ class OffloadAccounting:
             scopes = self.stats.scopes(frontend, backend, name)
         pool.acquire(server)
         st.opened(scopes)
-        self._open[change.ct_id] = _Conn(pool, server, server_id, scopes)
+        self._open[change.ct_id] = _Conn(
+            pool, server, server_id, scopes, key, frontend or "", time.monotonic()
+        )
         self._per_server[server_id] = self._per_server.get(server_id, 0) + 1
         self.opened += 1
 
@@ -142,6 +154,9 @@ class OffloadAccounting:
         if scopes is None:
             return
         tx, rx = change.tx, change.rx
+        if conn is not None:
+            conn.tx += tx
+            conn.rx += rx
         for c in scopes:
             c.bytes_tx += tx
             c.bytes_rx += rx
@@ -150,6 +165,28 @@ class OffloadAccounting:
         """At exit: count every open connection closed so the stats stay exact (the kernel keeps them)."""
         for ct_id in list(self._open):
             self._closed(Closed(ct_id, 0, b""))
+
+    def flows(self, query: Query, now: float) -> Selection:
+        """GET /flows: the open connections conntrack reported, as rows (state "offloaded": the kernel carries
+        them; bytes as conntrack reported them so far, which is at the close; no scheduler detail recorded)."""
+        rows = (
+            FlowRow(
+                socket.inet_ntoa(c.key[0:4]),
+                int.from_bytes(c.key[8:10], "big"),
+                socket.inet_ntoa(c.key[4:8]),
+                int.from_bytes(c.key[10:12], "big"),
+                c.frontend,
+                c.server_id,
+                "offloaded",
+                now - c.since,
+                c.tx,
+                c.rx,
+                None,
+            )
+            for c in self._open.values()
+            if len(c.key) >= 12
+        )
+        return select(rows, query)
 
     # -- refusals and /stats ----------------------------------------------------------------------------------
 

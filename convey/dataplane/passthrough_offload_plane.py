@@ -29,6 +29,7 @@ from typing import Any
 from convey import stats as st
 from convey.balancing.pool import Pool
 from convey.config import Config
+from convey.control.flows import Query, Selection
 from convey.dataplane import conntrack
 from convey.dataplane.conntrack_records import HeaderSizes, Ledger, MarkFilter
 from convey.dataplane.nfqueue import Batch
@@ -207,6 +208,10 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
         task = asyncio.get_running_loop().create_task(self._update_rules("server_drained"))
         self._rules_tasks.add(task)
         task.add_done_callback(self._rules_tasks.discard)
+
+    def flows(self, query: Query) -> Selection:
+        """GET /flows: the connections conntrack reported open (see ``OffloadAccounting.flows``)."""
+        return self.offload.flows(query, time.monotonic())
 
     # -- counters ---------------------------------------------------------------------------------------------
 

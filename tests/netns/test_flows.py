@@ -142,3 +142,36 @@ def test_dsr_flows_name_the_maglev_slot(dsr_l2_bed: Testbed) -> None:
         finally:
             for sock in socks:
                 sock.close()
+
+
+def test_offloaded_flows_are_listed_from_every_worker(routed_bed: Testbed) -> None:
+    """Passthrough offload with 2 workers: the connections conntrack reported open, from both workers' ledgers
+    (state "offloaded"; their bytes arrive with the close, so none are shown while they are open)."""
+    bed = routed_bed
+    for server in bed.servers:
+        start_httpd(server, port=SERVER_PORT)
+    lines = [f'[frontends.web]\nlisten_addr = "{bed.vip}:{VIP_PORT}"\nbackend = "web_servers"']
+    lines += [
+        f'[backends.web_servers.servers.s{i}]\naddr = "{s.addr}:{SERVER_PORT}"'
+        for i, s in enumerate(bed.servers)
+    ]
+    config = "\n".join(lines) + "\n[passthrough]\noffload = true\nworkers = 2\n" + STATS
+    with ConveyProcess(bed, config) as lb:
+        socks = hold(bed, 12)
+        try:
+            wanted = {"{}:{}".format(*s.getsockname()) for s in socks}
+
+            def all_listed() -> dict[str, Any] | None:
+                doc = api(lb, "/flows?limit=1000")
+                return doc if {f["client"] for f in doc["flows"]} >= wanted else None
+
+            doc = wait_until(all_listed, 10, "the held connections in /flows")
+            flows = [f for f in doc["flows"] if f["client"] in wanted]
+            assert all(f["state"] == "offloaded" and f["frontend"] == "web" for f in flows), flows
+            assert {f["server"] for f in flows} == {"web_servers/s0", "web_servers/s1"}
+            assert all(f["why"] == "wrr (not recorded)" and f["age"] >= 0 for f in flows), flows
+            per_worker = [w["total_connections"] for w in api(lb, "/stats")["workers"]]
+            assert sum(per_worker) >= 12 and min(per_worker) > 0, per_worker
+        finally:
+            for sock in socks:
+                sock.close()
