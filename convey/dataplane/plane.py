@@ -35,7 +35,6 @@ from convey.dataplane import rules
 from convey.dataplane.flow_accounting import Decider, FlowAccounting
 from convey.dataplane.nfqueue import Batch, QueueEdge, RawSender, open_queue, queue_counters
 from convey.dataplane.verdict_sender import threaded
-from convey.errors import ConveyError, StartupError
 from convey.modes import Mode
 from convey.packet.flow import Flow
 from convey.packet.flows import FlowTable
@@ -144,27 +143,7 @@ class PacketPlane(ABC, Generic[D]):
     # -- rules ------------------------------------------------------------------------------------------------
 
     def _ensure_rules(self, config: Config, at_start: bool) -> None:
-        problems = rules.problems(config, self.mode, **self._rules_options())
-        if not problems:
-            return
-        if at_start and not self.install_rules:
-            raise StartupError(
-                "the kernel is not set up for this config: "
-                + "; ".join(problems)
-                + f".\nRun, in this network namespace:  convey rules install --config={config.path} --{self.mode}"
-                + (" --offload" if offloaded(config, self.mode) else "")
-                + f"\n(or: make install-rules CONFIG={config.path} MODE={self.mode}"
-                + (" OFFLOAD=1" if offloaded(config, self.mode) else "")
-                + "), or start convey with "
-                "--install-rules to install them now and remove them at exit."
-            )
-        try:
-            lines = rules.install(config, self.mode, **self._rules_options())
-        except (OSError, ConveyError) as exc:
-            raise StartupError(f"installing the {self.mode} rules failed: {exc}") from None
-        for line in lines:
-            log.info("event=rules_installed change=%r", line)
-        if at_start:
+        if rules.ensure(config, self.mode, self.install_rules, at_start, **self._rules_options()):
             self._installed = True
 
     async def _update_rules(self, reason: str) -> bool:

@@ -15,7 +15,6 @@ from dataclasses import replace
 from typing import Any
 
 from convey.config import Address, Config, ServerConfig, offloaded
-from convey.errors import ConveyError, StartupError
 from convey.modes import Mode
 
 log = logging.getLogger("convey.workers")
@@ -71,25 +70,7 @@ class WorkerRules:
     def ensure(self, config: Config, at_start: bool) -> None:
         from convey.dataplane import rules
 
-        problems = rules.problems(config, self.mode, **self.options())
-        if not problems:
-            return
-        if at_start and not self.install_rules:
-            raise StartupError(
-                "the kernel is not set up for this config: "
-                + "; ".join(problems)
-                + f".\nRun, in this network namespace:  convey rules install --config={config.path} --{self.mode}"
-                + f" --workers={self.count}"
-                + (" --offload" if self.plan is not None else "")
-                + ", or start convey with --install-rules to install them now and remove them at exit."
-            )
-        try:
-            lines = rules.install(config, self.mode, **self.options())
-        except (OSError, ConveyError) as exc:
-            raise StartupError(f"installing the {self.mode} rules failed: {exc}") from None
-        for line in lines:
-            log.info("event=rules_installed change=%r", line)
-        if at_start:
+        if rules.ensure(config, self.mode, self.install_rules, at_start, **self.options()):
             self.installed = True
 
     async def update(self, config: Config, reason: str) -> bool:

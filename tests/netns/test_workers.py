@@ -65,6 +65,18 @@ def worker_pids(doc: dict[str, Any]) -> list[int]:
     return [int(w["pid"]) for w in doc["workers"] if w.get("alive")]
 
 
+def kill_each_worker(convey: ConveyProcess, count: int) -> None:
+    """SIGKILL every worker in turn, each time waiting until the supervisor has restarted it."""
+    for index in range(count):
+        victim = convey.stats()["workers"][index]["pid"]
+        os.kill(victim, signal.SIGKILL)
+        convey.wait_stats(
+            lambda d, i=index, v=victim: d["workers"][i]["alive"] and d["workers"][i]["pid"] != v,
+            15,
+            f"worker {index} to be restarted",
+        )
+
+
 def pid_gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -148,14 +160,7 @@ def test_passthrough_offload_with_two_workers(beds: Callable[..., Testbed]) -> N
     # worker adopts it from conntrack (its number is in the connection's mark)
     download = client_popen(bed, "get", n=1, path=f"/bytes/{40 * MB}", timeout=60)
     wait_until(lambda: convey.stats()["current_connections"] == 1, 10, "the download to open")
-    for index in range(2):
-        victim = convey.stats()["workers"][index]["pid"]
-        os.kill(victim, signal.SIGKILL)
-        convey.wait_stats(
-            lambda d, i=index, v=victim: d["workers"][i]["alive"] and d["workers"][i]["pid"] != v,
-            15,
-            f"worker {index} to be restarted",
-        )
+    kill_each_worker(convey, 2)
     done = finish(download, 70)[0]
     assert done["error"] is None and done["sha256"] == payload_sha256(40 * MB), done
     doc = convey.wait_stats(lambda d: d["current_connections"] == 0, 15, "the download's close")
@@ -273,14 +278,7 @@ def test_dsr_workers_spread_and_keep_downloads_when_a_worker_dies(dsr_bed: Testb
         path = bed.logdir / "big"
         proc = bed.client.popen(["curl", "-sS", "--fail", "--max-time", "60", "-o", str(path), url])
         try:
-            for index in range(workers):
-                victim = lb.stats()["workers"][index]["pid"]
-                os.kill(victim, signal.SIGKILL)
-                lb.wait_stats(
-                    lambda d, i=index, v=victim: d["workers"][i]["alive"] and d["workers"][i]["pid"] != v,
-                    15,
-                    f"worker {index} to be restarted",
-                )
+            kill_each_worker(lb, workers)
             assert proc.wait(70) == 0
         finally:
             if proc.poll() is None:

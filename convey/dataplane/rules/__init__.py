@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from convey.config import Config, offloaded
+from convey.config import Config, offloaded, workers_for
 from convey.dataplane import kernel_state
 from convey.dataplane.kernel_state import StateFile
 from convey.dataplane.rules import iptables, offload, routing, ruleset, sysctls
@@ -42,6 +42,7 @@ from convey.dataplane.rules.ruleset import (
     server_marks,
     uses_marks,
 )
+from convey.errors import ConveyError, StartupError
 from convey.modes import Mode, Rewrite
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "OffloadPlan",
     "RulesError",
     "chain_rules",
+    "ensure",
     "install",
     "installed_rules",
     "offload_plan",
@@ -195,6 +197,36 @@ def problems(config: Config, mode: str, plan: OffloadPlan | None = None) -> list
         with kernel_state.iproute("rules check") as ipr:
             found += routing.problems(ipr, config, _host_marks(config, mode, plan))
     return found
+
+
+def ensure(
+    config: Config, mode: str, install_rules: bool, at_start: bool, plan: OffloadPlan | None = None
+) -> bool:
+    """Check ``mode``'s rules for ``config`` and install them when they are off: at start only with
+    ``install_rules`` (else a StartupError saying how), on reload always. True when rules were installed at start
+    (so the caller removes them at exit)."""
+    found = problems(config, mode, plan)
+    if not found:
+        return False
+    offload_on = offloaded(config, mode)
+    count = workers_for(config, mode)
+    if at_start and not install_rules:
+        flags = (" --offload" if offload_on else "") + (f" --workers={count}" if count > 1 else "")
+        make_flags = (" OFFLOAD=1" if offload_on else "") + (f" WORKERS={count}" if count > 1 else "")
+        raise StartupError(
+            "the kernel is not set up for this config: "
+            + "; ".join(found)
+            + f".\nRun, in this network namespace:  convey rules install --config={config.path} --{mode}{flags}"
+            + f"\n(or: make install-rules CONFIG={config.path} MODE={mode}{make_flags}), or start convey with "
+            "--install-rules to install them now and remove them at exit."
+        )
+    try:
+        lines = install(config, mode, plan=plan)
+    except (OSError, ConveyError) as exc:
+        raise StartupError(f"installing the {mode} rules failed: {exc}") from None
+    for line in lines:
+        log.info("event=rules_installed change=%r", line)
+    return at_start
 
 
 def present(config: Config, mode: str, plan: OffloadPlan | None = None) -> bool:
