@@ -7,7 +7,7 @@ CONFIG ?= samples/sample-passthrough.toml
 MODE ?= passthrough
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv demo demo-cluster test test-fast test-unit test-netns lint format bench bench-quick install-rules remove-rules \
+.PHONY: help deps venv demo demo-cluster test test-fast test-workers test-unit test-netns lint format bench bench-quick install-rules remove-rules \
         show-rules clean-netns clean
 
 help:
@@ -15,6 +15,7 @@ help:
 	@echo "make demo-cluster          two balancers behind a BGP/ECMP router (BIRD 2): spread, kill one mid-download"
 	@echo "make test                  install what is needed and run the whole test suite (root for netns tests)"
 	@echo "make test-fast             every test that needs no root (unit, proxy relay, proxy end to end): < 1 min"
+	@echo "make test-workers          the passthrough and DSR suites with 2 and 4 worker processes (root, ~8 min)"
 	@echo "make lint                  ruff + mypy --strict on convey/"
 	@echo "make bench                 proxy and packet-path benchmarks (ratios against HAProxy/kernel/accept-only)"
 	@echo "make install-rules CONFIG=FILE [MODE=passthrough|dsr]   iptables rules + sysctls in this namespace"
@@ -49,6 +50,12 @@ test: venv
 # Tests under tests/netns/ carry the `netns` marker (tests/netns/conftest.py); everything else needs no root.
 test-fast: venv
 	$(PY) -m pytest tests -m "not netns" $(PYTEST_ARGS)
+
+# The passthrough and DSR suites again with 2 and 4 worker processes (~8 minutes; not part of `make test`, which
+# runs tests/netns/test_workers.py with 1, 2 and 4 workers instead). Root.
+test-workers: venv
+	CONVEY_TEST_WORKERS=2 $(PY) -m pytest tests/netns/test_passthrough.py tests/netns/test_dsr.py $(PYTEST_ARGS)
+	CONVEY_TEST_WORKERS=4 $(PY) -m pytest tests/netns/test_passthrough.py tests/netns/test_dsr.py $(PYTEST_ARGS)
 
 test-unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

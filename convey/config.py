@@ -301,7 +301,11 @@ def check_workers(config: Config, mode: str) -> None:
             workers_key(mode),
             f"{count} workers cannot share passthrough.port_range {pt.port_range[0]}-{pt.port_range[1]} "
             f"({ports} ports): each worker needs at least {MIN_WORKER_PORTS} ports of its own; "
-            f"use at most {ports // MIN_WORKER_PORTS} workers or a wider range",
+            + (
+                f"use at most {ports // MIN_WORKER_PORTS} workers or a wider range"
+                if ports >= 2 * MIN_WORKER_PORTS
+                else f"use 1 worker or a range of at least {count * MIN_WORKER_PORTS} ports"
+            ),
         )
     if pt.connection_tracker_capacity < count:
         raise ConfigError(

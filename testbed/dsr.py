@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -76,6 +77,13 @@ def server_port_for(rewrite: str) -> int:
     return VIP_PORT if rewrite == "mac" else IP_SERVER_PORT
 
 
+def suite_workers() -> int:
+    """``CONVEY_TEST_WORKERS=N``: the packet-mode suites run with N worker processes (default 1: none);
+    ``make test-workers`` runs them so. Tests whose figures are per process (exact WRR shares, one flow table)
+    skip with the reason."""
+    return int(os.environ.get("CONVEY_TEST_WORKERS", "1") or 1)
+
+
 def dsr_config(
     bed: Testbed,
     rewrite: str,
@@ -115,6 +123,8 @@ def dsr_config(
         lines += ["", "[dsr]", f'rewrite = "{rewrite}"', f'egress_nat = "{egress_nat}"']
         if offload:
             lines.append("offload = true")
+        elif suite_workers() > 1:  # CONVEY_TEST_WORKERS: the suite with worker processes (DSR offload has none)
+            lines.append(f"workers = {suite_workers()}")
     return "\n".join([*lines, "", extra, ""])
 
 

@@ -53,9 +53,15 @@ def add_counters(doc: dict[str, Any], worker: dict[str, Any], gauges: bool = Tru
             continue
         _add(back, theirs, gauges)
         details = theirs.get("server_detail", {})
-        for server, detail in back.get("server_detail", {}).items():
-            if server in details:
-                _add(detail, details[server], gauges)
+        mine = back.setdefault("server_detail", {})
+        for server, detail in details.items():
+            if server in mine:
+                _add(mine[server], detail, gauges)
+            elif gauges and detail.get("state") == "removed-draining":
+                # removed from the config, still carrying this worker's connections: the supervisor's pool
+                # forgot it (it has no connections of its own), the worker's entry says what is left
+                mine[server] = dict(detail)
+                back.setdefault("servers", {})[detail.get("addr", server)] = detail.get("healthy", True)
 
 
 def sum_tree(values: Sequence[Any], key: str = "") -> Any:

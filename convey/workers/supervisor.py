@@ -289,6 +289,10 @@ class WorkerSet:
                 log.error("event=worker_reload_failed worker=%d error=%r", index, str(error))
             elif not changes:
                 changes = list(answer[1])
+        if self.mode != Mode.PROXY:
+            # the workers' pools now hold the servers the reload removed that still carry their flows: learn them
+            # before the rules are rendered again, or a removed server's replies would stop reaching its flows
+            await self.refresh()
         if (
             self.mode != Mode.PROXY
             and old is not None

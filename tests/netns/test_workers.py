@@ -26,6 +26,7 @@ from testbed.dsr import VIP_PORT as DSR_VIP_PORT
 from testbed.dsr import dsr_config, fetch_many, prepare_servers, start_servers, unprepare_servers
 from testbed.httpd import payload_sha256
 from testbed.process import python_env, read_line, wait_until
+from tests.netns.test_flows import api, hold
 from tests.netns.test_passthrough import (
     assert_clean,
     client,
@@ -35,6 +36,8 @@ from tests.netns.test_passthrough import (
     make_config,
     queued_packets,
     saved_ruleset,
+    served_by,
+    settled,
     settled_with,
     stop_clean,
 )
@@ -169,6 +172,48 @@ def test_passthrough_offload_with_two_workers(beds: Callable[..., Testbed]) -> N
     log = convey.stop()
     assert log.count("event=worker_restarted") == 2 and "Traceback" not in log
     assert all(pid_gone(pid) for pid in pids)
+
+
+def test_a_removed_server_drains_in_every_worker(beds: Callable[..., Testbed]) -> None:
+    """A reload removes server1 while both workers hold connections to it: /stats shows it draining (the workers'
+    entries: the supervisor's pool forgot it), new connections go to server0, the open ones complete, and its
+    return rules go once the last worker's last flow to it has closed."""
+    bed = beds()
+    start_pt_servers(bed)
+    convey = ConveyProcess(bed, make_config(bed, workers=2)).start()
+    socks = hold(bed, 12)
+    try:
+        wanted = {"{}:{}".format(*s.getsockname()): s for s in socks}
+
+        def all_flows() -> dict[str, Any] | None:
+            doc: dict[str, Any] = api(convey, "/flows?limit=100")
+            return doc if len(doc["flows"]) == 12 else None
+
+        flows = wait_until(all_flows, 10, "the 12 held connections in /flows")
+        on_s1 = [wanted[f["client"]] for f in flows["flows"] if f["server"] == "web_servers/s1"]
+        assert on_s1, flows
+        convey.write_config(make_config(bed, servers=[0], workers=2))
+        doc = convey.wait_stats(lambda d: d["reloads"] == 1, 15, "the reload removing server1")
+        s1 = doc["backends"]["web_servers"]["server_detail"]["s1"]
+        assert (s1["state"], s1["current_connections"]) == ("removed-draining", len(on_s1)), s1
+        assert {served_by(r)[0] for r in client(bed, "get", n=8)} == {"server0"}
+        assert "198.18.2.2/32" in bed.lb.run(["iptables-save", "-t", "raw"]).stdout  # still routed back to us
+        for sock in on_s1:  # the open connections to the removed server complete
+            sock.sendall(b"\r\n")
+            sock.settimeout(10)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+    finally:
+        for sock in socks:
+            sock.close()
+    convey.wait_stats(
+        lambda d: settled(d) and "s1" not in d["backends"]["web_servers"]["server_detail"],
+        15,
+        "server1 drained",
+    )
+    wait_until(
+        lambda: "198.18.2.2/32" not in bed.lb.run(["iptables-save", "-t", "raw"]).stdout, 10, "its rules gone"
+    )
+    stop_clean(convey)
 
 
 def test_a_killed_worker_is_restarted_and_new_connections_succeed(beds: Callable[..., Testbed]) -> None:

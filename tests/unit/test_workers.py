@@ -233,3 +233,16 @@ def test_proxy_workers_share_max_connections() -> None:
     assert shares == [3, 2]
     assert worker_config(config(), Mode.PROXY, 1, 2).frontends["web"].max_connections == 0  # no limit stays
     assert sum_tree([300.0, 300.0], "idle_timeout") == 300.0
+
+
+def test_merge_shows_a_removed_server_still_draining_in_a_worker() -> None:
+    base = doc(0, 0)
+    worker = doc(4, 1)
+    retired = {"addr": "198.18.2.2:8080", "state": "removed-draining", "healthy": True, "active": 1}
+    retired.update({k: 0 for k in ("total_connections", "bytes_tx", "bytes_rx", "refused", "failed")})
+    retired.update(total_connections=2, current_connections=1)
+    worker["backends"]["b"]["server_detail"]["s1"] = retired  # type: ignore[index]
+    out = merge(base, [worker, worker], [], [])
+    s1 = out["backends"]["b"]["server_detail"]["s1"]  # type: ignore[index]
+    assert s1["state"] == "removed-draining" and (s1["total_connections"], s1["active"]) == (4, 2)
+    assert out["backends"]["b"]["servers"]["198.18.2.2:8080"] is True  # type: ignore[index]
