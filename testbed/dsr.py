@@ -123,7 +123,9 @@ def dsr_config(
         lines += ["", "[dsr]", f'rewrite = "{rewrite}"', f'egress_nat = "{egress_nat}"']
         if offload:
             lines.append("offload = true")
-        elif suite_workers() > 1:  # CONVEY_TEST_WORKERS: the suite with worker processes (DSR offload has none)
+        elif (
+            suite_workers() > 1
+        ):  # CONVEY_TEST_WORKERS: the suite with worker processes (DSR offload has none)
             lines.append(f"workers = {suite_workers()}")
     return "\n".join([*lines, "", extra, ""])
 
