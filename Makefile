@@ -15,7 +15,7 @@ help:
 	@echo "make demo-cluster          two balancers behind a BGP/ECMP router (BIRD 2): spread, kill one mid-download"
 	@echo "make test                  install what is needed and run the whole test suite (root for netns tests)"
 	@echo "make test-fast             every test that needs no root (unit, proxy relay, proxy end to end): < 1 min"
-	@echo "make test-workers          the passthrough and DSR suites with 2 and 4 worker processes (root, ~8 min)"
+	@echo "make test-workers          the packet and proxy suites with 2 (and 4) worker processes (root, ~10 min)"
 	@echo "make lint                  ruff + mypy --strict on convey/"
 	@echo "make bench                 proxy and packet-path benchmarks (ratios against HAProxy/kernel/accept-only)"
 	@echo "make install-rules CONFIG=FILE [MODE=passthrough|dsr]   iptables rules + sysctls in this namespace"
@@ -51,10 +51,12 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest tests -m "not netns" $(PYTEST_ARGS)
 
-# The passthrough and DSR suites again with 2 and 4 worker processes (~8 minutes; not part of `make test`, which
-# runs tests/netns/test_workers.py with 1, 2 and 4 workers instead). Root.
+# The passthrough, DSR and proxy end-to-end suites again with 2 worker processes, the packet suites with 4 too
+# (~10 minutes; not part of `make test`, which runs tests/netns/test_workers.py and tests/e2e/test_proxy_workers.py
+# instead). Root.
 test-workers: venv
-	CONVEY_TEST_WORKERS=2 $(PY) -m pytest tests/netns/test_passthrough.py tests/netns/test_dsr.py $(PYTEST_ARGS)
+	CONVEY_TEST_WORKERS=2 $(PY) -m pytest tests/netns/test_passthrough.py tests/netns/test_dsr.py tests/e2e \
+	  $(PYTEST_ARGS)
 	CONVEY_TEST_WORKERS=4 $(PY) -m pytest tests/netns/test_passthrough.py tests/netns/test_dsr.py $(PYTEST_ARGS)
 
 test-unit: venv

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# CONVEY_TEST_WORKERS=N: every convey started here runs N worker processes (make test-workers)
+WORKERS = [f"--workers={os.environ['CONVEY_TEST_WORKERS']}"] if os.environ.get("CONVEY_TEST_WORKERS") else []
 
 
 def free_port() -> int:
@@ -84,7 +86,15 @@ class Convey:
     def start(self) -> Convey:
         self._logf = open(self.log, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "convey", f"--config={self.config}", "--log-level=DEBUG", *self.args],
+            [
+                sys.executable,
+                "-m",
+                "convey",
+                f"--config={self.config}",
+                "--log-level=DEBUG",
+                *WORKERS,
+                *self.args,
+            ],
             cwd=ROOT,
             stdout=self._logf,
             stderr=subprocess.STDOUT,

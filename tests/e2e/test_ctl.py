@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.conftest import ROOT, Convey, HttpServer, free_port, stats, wait_for, who
+from tests.e2e.conftest import ROOT, WORKERS, Convey, HttpServer, free_port, stats, wait_for, who
 
 TOKEN = "e2e-token-0123456789abcdef"
 
@@ -93,7 +93,11 @@ def test_ctl_drain_weight_flows_and_diff(
     assert done.returncode == 0 and " up " in done.stdout
     done = cli("ctl", "weight", "pool/a", "3", f"--url=http://127.0.0.1:{sport}", f"--token={TOKEN}")
     assert done.returncode == 0 and "weight 3 (file 1)" in done.stdout
-    assert Counter(who(vip) for _ in range(8)) == Counter({"a": 6, "b": 2})
+    answered = Counter(who(vip) for _ in range(8))
+    if WORKERS:  # a round robin turn per worker: mostly a, both seen
+        assert answered["a"] > answered["b"] > 0, answered
+    else:
+        assert answered == Counter({"a": 6, "b": 2})
 
     # a reload that changes b's file weight keeps a's runtime weight
     write(cfg, {"a": (a.addr, 1), "b": (b.addr, 2)}, port, sport, TOKEN)

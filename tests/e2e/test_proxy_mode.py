@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.e2e.conftest import ROOT, Convey, HttpServer, free_port, http_get, stats, wait_for
+from tests.e2e.conftest import ROOT, WORKERS, Convey, HttpServer, free_port, http_get, stats, wait_for
 from tests.e2e.conftest import who as who_answered
 
 
@@ -89,7 +89,11 @@ def test_weights_reload_health_stats_end_to_end(
     assert {who(vip) for _ in range(6)} == {"a"}
     b.start()
     lb.wait_log("event=server_up backend=pool server=b")
-    assert Counter(who(vip) for _ in range(6)) == Counter({"a": 3, "b": 3})
+    answered = Counter(who(vip) for _ in range(6))
+    if WORKERS:  # each worker keeps its own round robin turn: both servers, not exactly 3 and 3
+        assert set(answered) == {"a", "b"}, answered
+    else:
+        assert answered == Counter({"a": 3, "b": 3})
 
     # /stats, /metrics and / agree with what happened
     doc = wait_for(
