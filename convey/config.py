@@ -342,6 +342,13 @@ def summary(config: Config, mode: str) -> str:
         for server in back.servers:
             state = " (draining)" if server.weight == 0 else ""
             lines.append(f"    server {server.name}: {server.addr} weight={server.weight}{state}")
+    count = workers_for(config, mode)
+    if count > 1:
+        line = f"  workers: {count} processes under one supervisor ({workers_key(mode)})"
+        if mode != Mode.PROXY:
+            first = config.passthrough.queue_num if mode == Mode.PASSTHROUGH else config.dsr.queue_num
+            line += f", NFQUEUE {first}-{first + count - 1}"
+        lines.append(line)
     if config.bgp is not None:
         peers = ", ".join(f"{p.name} {p.address} AS{p.asn}" for p in config.bgp.peers.values())
         lines.append(f"  bgp: AS{config.bgp.local_as}, VIPs announced by health to {peers}")
