@@ -227,25 +227,31 @@ class Testbed:
         Safe to call twice and on a half-built bed; raises TestbedError at the end if something stays behind.
         """
         _live_beds.discard(self)
-        for proc in self.processes:
-            stop_process(proc)
-        self.processes.clear()
-        problems = []
-        for name in reversed(self.namespaces):
-            try:
-                delete_namespace(name)
-            except Exception as exc:
-                problems.append(f"{name}: {exc}")
-        self.namespaces.clear()
-        shutil.rmtree(self.logdir, ignore_errors=True)
-        if problems:
-            raise TestbedError("test bed teardown left things behind: " + "; ".join(problems))
+        release(self.processes, self.namespaces, self.logdir, "test bed")
 
     def __enter__(self) -> Testbed:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.destroy()
+
+
+def release(processes: list[Any], namespaces: list[str], logdir: Path, what: str) -> None:
+    """Stop ``processes``, delete ``namespaces`` (last made first) and ``logdir``; every step is tried, and a
+    TestbedError at the end names what stayed behind. Empties both lists."""
+    for proc in processes:
+        stop_process(proc)
+    processes.clear()
+    problems = []
+    for name in reversed(namespaces):
+        try:
+            delete_namespace(name)
+        except Exception as exc:
+            problems.append(f"{name}: {exc}")
+    namespaces.clear()
+    shutil.rmtree(logdir, ignore_errors=True)
+    if problems:
+        raise TestbedError(f"{what} teardown left things behind: " + "; ".join(problems))
 
 
 def _links(ns: str, only: str | None = None) -> list[Link]:

@@ -42,12 +42,12 @@ from typing import Any
 from pyroute2 import IPRoute, netns
 
 from convey.bgp.speaker import remove_stale_runtime_dirs
-from testbed.bed import Testbed, _address, _veth, has_carrier
+from testbed.bed import Testbed, _address, _veth, has_carrier, release
 from testbed.convey_proc import ConveyProcess
 from testbed.dsr import IP_SERVER_PORT, setup_script
 from testbed.host import Host
 from testbed.httpd_proc import HttpServer, start_httpd
-from testbed.namespaces import PREFIX, delete_namespace
+from testbed.namespaces import PREFIX
 from testbed.process import TestbedError, stop_process, wait_until
 
 CLIENT_NET = "198.18.100"
@@ -329,19 +329,7 @@ class Cluster:
             with contextlib.suppress(Exception):
                 setup_script(server, "remove", "--vip", VIP, "--port", str(VIP_PORT), check=False)
             Path(f"/run/convey/backend-nat/{server.ns}.json").unlink(missing_ok=True)
-        for proc in self.processes:
-            stop_process(proc)
-        self.processes.clear()
-        problems = []
-        for name in reversed(self.namespaces):
-            try:
-                delete_namespace(name)
-            except Exception as exc:
-                problems.append(f"{name}: {exc}")
-        self.namespaces.clear()
-        shutil.rmtree(self.logdir, ignore_errors=True)
-        if problems:
-            raise TestbedError("cluster teardown left things behind: " + "; ".join(problems))
+        release(self.processes, self.namespaces, self.logdir, "cluster")
 
 
 def _comm(pid: int) -> str:

@@ -68,6 +68,17 @@ def worker_pids(doc: dict[str, Any]) -> list[int]:
     return [int(w["pid"]) for w in doc["workers"] if w.get("alive")]
 
 
+def traffic(bed: Testbed) -> tuple[int, int]:
+    """A 20 MB download while CONNECTIONS short requests run, every one checked: (bytes sent, received)."""
+    download = client_popen(bed, "get", n=1, path=f"/bytes/{20 * MB}", timeout=60)
+    results = client(bed, "get", n=CONNECTIONS)
+    done = finish(download, 70)[0]
+    assert done["error"] is None and done["sha256"] == payload_sha256(20 * MB), done
+    assert [r["error"] for r in results if r["error"]] == []
+    sent = sum(r["sent"] for r in results) + done["sent"]
+    return sent, sum(r["received"] for r in results) + done["received"]
+
+
 def kill_each_worker(convey: ConveyProcess, count: int) -> None:
     """SIGKILL every worker in turn, each time waiting until the supervisor has restarted it."""
     for index in range(count):
@@ -97,13 +108,7 @@ def test_passthrough_workers_share_the_load_and_counters_stay_exact(
     webs = start_pt_servers(bed)
     rules_before = saved_ruleset(bed.lb)
     convey = ConveyProcess(bed, make_config(bed, workers=workers)).start()
-    download = client_popen(bed, "get", n=1, path=f"/bytes/{20 * MB}", timeout=60)
-    results = client(bed, "get", n=CONNECTIONS)
-    done = finish(download, 70)[0]
-    assert done["error"] is None and done["sha256"] == payload_sha256(20 * MB), done
-    assert [r["error"] for r in results if r["error"]] == []
-    sent = sum(r["sent"] for r in results) + done["sent"]
-    received = sum(r["received"] for r in results) + done["received"]
+    sent, received = traffic(bed)
     doc = convey.wait_stats(settled_with(sent, received), 15, "every flow closed and its port freed")
     assert_clean(doc)
     verdicts = counters(doc)
@@ -145,13 +150,7 @@ def test_passthrough_offload_with_two_workers(beds: Callable[..., Testbed]) -> N
     bed = beds()
     start_pt_servers(bed)
     convey = ConveyProcess(bed, make_config(bed, workers=2, offload=True)).start()
-    download = client_popen(bed, "get", n=1, path=f"/bytes/{20 * MB}", timeout=60)
-    results = client(bed, "get", n=CONNECTIONS)
-    done = finish(download, 70)[0]
-    assert done["error"] is None and done["sha256"] == payload_sha256(20 * MB), done
-    assert [r["error"] for r in results if r["error"]] == []
-    sent = sum(r["sent"] for r in results) + done["sent"]
-    received = sum(r["received"] for r in results) + done["received"]
+    sent, received = traffic(bed)
     doc = convey.wait_stats(settled_with(sent, received), 15, "conntrack to report every connection closed")
     assert doc["total_connections"] == CONNECTIONS + 1 and doc["offload"]["closed"] == CONNECTIONS + 1
     assert counters(doc)["ingress_accepted"] == CONNECTIONS + 1  # one decision per connection, no more
