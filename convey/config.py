@@ -284,13 +284,21 @@ def check_workers(config: Config, mode: str) -> None:
             workers_key(mode),
             f"{count} workers need queues {queue}-{queue + count - 1}: NFQUEUE numbers end at 65535",
         )
-    if offloaded(config, mode) and (mode == Mode.DSR or count > MAX_OFFLOAD_WORKERS):
-        raise ConfigError(
-            config.path,
-            workers_key(mode),
-            f"{count} workers with flow offload: DSR offload runs one process, passthrough offload at most "
-            f"{MAX_OFFLOAD_WORKERS} workers (the worker's number is part of each connection's mark)",
-        )
+    if offloaded(config, mode):
+        # the worker's number is part of each connection's mark (convey.dataplane.rules.offload): at most 255,
+        # DSR "mac" routes by whole marks, DSR "ip" marks must leave bits 24-31 free
+        servers = sum(len(b.servers) for b in config.backends.values())
+        problem = None
+        if count > MAX_OFFLOAD_WORKERS:
+            problem = f"at most {MAX_OFFLOAD_WORKERS} workers with flow offload"
+        elif mode == Mode.DSR and config.dsr.rewrite == Rewrite.MAC:
+            problem = (
+                'DSR offload with rewrite = "mac" runs one process (its policy routing matches whole marks)'
+            )
+        elif mode == Mode.DSR and config.dsr.fwmark_base + servers >= 1 << 24:
+            problem = "DSR offload with workers needs dsr.fwmark_base + servers below 0x1000000"
+        if problem is not None:
+            raise ConfigError(config.path, workers_key(mode), f"{count} workers: {problem}")
     if mode != Mode.PASSTHROUGH:
         return
     pt = config.passthrough

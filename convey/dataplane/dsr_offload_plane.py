@@ -38,7 +38,7 @@ from convey.dataplane.conntrack_records import ONE_WAY_CLOSED_STATES, FlowTuple,
 from convey.dataplane.dsr_plane import DsrPlane
 from convey.dataplane.nfqueue import Batch
 from convey.dataplane.offload_accounting import OffloadAccounting
-from convey.dataplane.rules.offload import OffloadPlan, offload_plan
+from convey.dataplane.rules.offload import WORKER_FIELD, OffloadPlan, offload_plan, worker_bits
 from convey.dataplane.verdict_sender import (
     VerdictSender,
     queue_fd,
@@ -62,9 +62,13 @@ def kernel_needs(rewrite: Rewrite) -> tuple[str, ...]:
 
 
 class DsrOffloadPlane(DsrPlane):
-    def __init__(self, pools: dict[str, Pool], stats: st.Stats, **options: bool) -> None:
+    def __init__(self, pools: dict[str, Pool], stats: st.Stats, worker: int = -1, **options: bool) -> None:
         super().__init__(pools, stats, **options)
         self.plan: OffloadPlan | None = None
+        # A worker process (``rewrite = "ip"``): its number in every mark (the entry's connmark), so conntrack's
+        # events of its connections come to it alone; the plan is the supervisor's (``fixed_plan``).
+        self.worker_bits = worker_bits(worker) if worker >= 0 else 0
+        self.fixed_plan: OffloadPlan | None = None
         self.server_marks: dict[str, int] = {}  # server id -> mark, both flavours (the entry's connmark)
         self.offload = OffloadAccounting(pools, stats, self._offload_drained)
         self.writer: conntrack.Writer | None = None
@@ -92,7 +96,12 @@ class DsrOffloadPlane(DsrPlane):
     async def _start(self, config: Config) -> None:
         await super()._start(config)
         assert self.plan is not None
-        ledger = Ledger(ours=MarkFilter(mask=self.plan.mask), closed_states=ONE_WAY_CLOSED_STATES)
+        ours = (
+            MarkFilter(WORKER_FIELD, self.worker_bits)
+            if self.worker_bits
+            else MarkFilter(mask=self.plan.mask)
+        )
+        ledger = Ledger(ours=ours, closed_states=ONE_WAY_CLOSED_STATES)
         self.monitor = conntrack.Monitor(ledger, self.offload.apply)
         try:
             self.monitor.start(asyncio.get_running_loop())  # adopts the connections already in the table
@@ -118,12 +127,24 @@ class DsrOffloadPlane(DsrPlane):
     # -- config, marks and rules ------------------------------------------------------------------------------
 
     def _new_plan(self, config: Config) -> OffloadPlan:
+        if self.fixed_plan is not None:
+            return self.fixed_plan
         return offload_plan(config, Mode.DSR, previous=self.plan, keep=self.offload.servers_in_use())
+
+    def set_plan(self, plan: OffloadPlan) -> None:
+        """A worker process: the supervisor's plan (at start, with a reload, after a drained server)."""
+        self.fixed_plan = plan
+        if self.config is not None:
+            self._loaded(self.config)
+
+    def servers_in_use(self) -> list[str]:
+        """Servers conntrack still holds this process's connections to (the supervisor's ``keep``)."""
+        return sorted(self.offload.servers_in_use())
 
     def _loaded(self, config: Config) -> None:
         self.plan = plan = self._new_plan(config)
         self.server_marks = {
-            f"{back.name}/{server.name}": plan.mark(f"{back.name}/{server.name}")
+            f"{back.name}/{server.name}": plan.mark(f"{back.name}/{server.name}") | self.worker_bits
             for back in config.backends.values()
             for server in back.servers
         }
@@ -141,8 +162,8 @@ class DsrOffloadPlane(DsrPlane):
 
     def _offload_drained(self, server_id: str) -> None:
         """The last connection of a server removed from the config closed: its mark and rules can go."""
-        if self._queue is None or self.config is None:
-            return
+        if self._queue is None or self.config is None or self.fixed_plan is not None:
+            return  # a worker: the supervisor sees it in its next poll and sends a new plan
         self._loaded(self.config)  # a new plan without its mark
         task = asyncio.get_running_loop().create_task(self._update_rules("server_drained"))
         self._rules_tasks.add(task)

@@ -163,8 +163,13 @@ def test_more_workers_than_the_port_range_holds() -> None:
     with pytest.raises(ConfigError, match="queues 65535-65536"):
         with_workers(config("[dsr]\nqueue_num = 65535\n"), Mode.DSR, 2)
     check_workers(with_offload(with_workers(cfg, Mode.PASSTHROUGH, 2), Mode.PASSTHROUGH), Mode.PASSTHROUGH)
-    with pytest.raises(ConfigError, match="DSR offload runs one process"):
-        check_workers(with_offload(with_workers(config(), Mode.DSR, 2), Mode.DSR), Mode.DSR)
+    check_workers(with_offload(with_workers(config(), Mode.DSR, 2), Mode.DSR), Mode.DSR)  # rewrite = "ip"
+    mac = config('[dsr]\nrewrite = "mac"\n')
+    with pytest.raises(ConfigError, match='rewrite = "mac" runs one process'):
+        check_workers(with_offload(with_workers(mac, Mode.DSR, 2), Mode.DSR), Mode.DSR)
+    high = config("[dsr]\nfwmark_base = 0xFFFFFF\n")
+    with pytest.raises(ConfigError, match="below 0x1000000"):
+        check_workers(with_offload(with_workers(high, Mode.DSR, 2), Mode.DSR), Mode.DSR)
 
 
 def test_offload_marks_carry_the_worker() -> None:

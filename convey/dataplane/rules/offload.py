@@ -156,6 +156,9 @@ def offload_plan(
     if uses_marks(config, mode):
         return OffloadPlan(DSR_MASK, _mac_marks(config, old, kept), (), DSR_MASK)
     base = config.dsr.fwmark_base
+    if workers_for(config, mode) > 1:  # ip with workers: the server in bits 0-23, the worker in 24-31
+        server_mask = DSR_MASK & ~WORKER_FIELD
+        return OffloadPlan(DSR_MASK, _allocate(ids, old, kept, base, 1, server_mask), (), server_mask)
     return OffloadPlan(DSR_MASK, _allocate(ids, old, kept, base, 1, DSR_MASK), (), DSR_MASK)
 
 
@@ -291,11 +294,16 @@ def dsr_chains(config: Config, plan: OffloadPlan) -> dict[ChainKey, list[str]]:
     syn = "--tcp-flags FIN,SYN,RST,ACK SYN"
     raw = [f"-A {chain} {m} {syn} {_comment(c)} -j CT --notrack" for m, c in fronts]
     restore = f"-j CONNMARK --restore-mark --nfmask {mask:#x} --ctmask {mask:#x}"
-    queue = f"-j NFQUEUE --queue-num {_queue_num(config, Mode.DSR)}"
+    base, count = _queue_num(config, Mode.DSR), workers_for(config, Mode.DSR)
     mangle = []
     for m, c in fronts:
         mangle.append(f"-A {chain} {m} {_comment(c)} {restore}")
-        mangle.append(f"-A {chain} {m} -m mark --mark {_mask(0, mask)} {_comment(c)} {queue}")
+        for i in range(count):  # one queue per worker, by client port bits (convey.workers.slices)
+            steer = client_steer_match(i, count)
+            mangle.append(
+                f"-A {chain} {m}{' ' + steer if steer else ''} -m mark --mark {_mask(0, mask)} {_comment(c)} "
+                f"-j NFQUEUE --queue-num {base + i}"
+            )
     nat = [_save_mark(chain, mask)]
     if not uses_marks(config, Mode.DSR):
         nat += _dnat_rules(config, plan, chain)
