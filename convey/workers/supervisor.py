@@ -66,7 +66,8 @@ class WorkerHandle:
     proc: subprocess.Popen[bytes]
     conn: Connection
     started: float
-    restarts: int = 0
+    restarts: int = 0  # how often worker ``index`` was restarted since the supervisor started
+    quick_deaths: int = 0  # deaths in a row, each within STABLE_AFTER of its start (the backoff's exponent)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one request at a time, from any thread
     last_doc: dict[str, Any] | None = None
     retired: list[tuple[str, str, str, int]] = field(default_factory=list)
@@ -236,10 +237,8 @@ class WorkerSet:
             self.dead_docs.append(handle.last_doc)
         handle.conn.close()
         self.workers[handle.index] = None
-        quick = time.monotonic() - handle.started < STABLE_AFTER
-        delay = (
-            min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** min(handle.restarts, 5)) if quick else RESTART_DELAY
-        )
+        quick_deaths = handle.quick_deaths + 1 if time.monotonic() - handle.started < STABLE_AFTER else 0
+        delay = min(MAX_RESTART_DELAY, RESTART_DELAY * 2 ** min(max(quick_deaths - 1, 0), 5))
         reason = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
         log.error(
             "event=worker_died worker=%d pid=%d reason=%r restart_in=%gs",
@@ -248,10 +247,9 @@ class WorkerSet:
             reason,
             delay,
         )
-        restarts = handle.restarts + 1 if quick else handle.restarts
-        self._spawn_task(self._restart(handle.index, delay, restarts))
+        self._spawn_task(self._restart(handle.index, delay, handle.restarts + 1, quick_deaths))
 
-    async def _restart(self, index: int, delay: float, restarts: int) -> None:
+    async def _restart(self, index: int, delay: float, restarts: int, quick_deaths: int) -> None:
         await asyncio.sleep(delay)
         if self._stopping:
             return
@@ -259,8 +257,10 @@ class WorkerSet:
             handle = await self._spawn(index, restarts)
         except Exception as exc:
             log.error("event=worker_restart_failed worker=%d error=%r", index, str(exc))
-            self._spawn_task(self._restart(index, min(MAX_RESTART_DELAY, delay * 2), restarts + 1))
+            retry = min(MAX_RESTART_DELAY, delay * 2)
+            self._spawn_task(self._restart(index, retry, restarts + 1, quick_deaths + 1))
             return
+        handle.quick_deaths = quick_deaths
         if self._stopping:
             self._forget(handle)
             with contextlib.suppress(OSError):
