@@ -64,17 +64,8 @@ def listed(lb: ConveyProcess, socks: list[socket.socket]) -> dict[str, dict[str,
     return found
 
 
-@pytest.fixture
-def routed_bed() -> Iterator[Testbed]:
-    bed = Testbed.create(kind="routed", servers=2)
-    try:
-        yield bed
-    finally:
-        bed.destroy()
-
-
-def test_passthrough_flows_say_why_and_a_drain_moves_new_flows_only(routed_bed: Testbed) -> None:
-    bed = routed_bed
+def passthrough_config(bed: Testbed) -> str:
+    """The bed's servers (each running the test httpd, started here) behind one frontend on the VIP."""
     for server in bed.servers:
         start_httpd(server, port=SERVER_PORT)
     lines = [f'[frontends.web]\nlisten_addr = "{bed.vip}:{VIP_PORT}"\nbackend = "web_servers"']
@@ -82,7 +73,13 @@ def test_passthrough_flows_say_why_and_a_drain_moves_new_flows_only(routed_bed: 
         f'[backends.web_servers.servers.s{i}]\naddr = "{s.addr}:{SERVER_PORT}"'
         for i, s in enumerate(bed.servers)
     ]
-    with ConveyProcess(bed, "\n".join(lines) + "\n[passthrough]\nfin_linger = 0.3\n" + STATS) as lb:
+    return "\n".join(lines)
+
+
+def test_passthrough_flows_say_why_and_a_drain_moves_new_flows_only(routed_bed: Testbed) -> None:
+    bed = routed_bed
+    base = passthrough_config(bed)
+    with ConveyProcess(bed, base + "\n[passthrough]\nfin_linger = 0.3\n" + STATS) as lb:
         socks = hold(bed, 4)
         try:
             flows = listed(lb, socks)
@@ -148,14 +145,8 @@ def test_offloaded_flows_are_listed_from_every_worker(routed_bed: Testbed) -> No
     """Passthrough offload with 2 workers: the connections conntrack reported open, from both workers' ledgers
     (state "offloaded"; their bytes arrive with the close, so none are shown while they are open)."""
     bed = routed_bed
-    for server in bed.servers:
-        start_httpd(server, port=SERVER_PORT)
-    lines = [f'[frontends.web]\nlisten_addr = "{bed.vip}:{VIP_PORT}"\nbackend = "web_servers"']
-    lines += [
-        f'[backends.web_servers.servers.s{i}]\naddr = "{s.addr}:{SERVER_PORT}"'
-        for i, s in enumerate(bed.servers)
-    ]
-    config = "\n".join(lines) + "\n[passthrough]\noffload = true\nworkers = 2\n" + STATS
+    base = passthrough_config(bed)
+    config = base + "\n[passthrough]\noffload = true\nworkers = 2\n" + STATS
     with ConveyProcess(bed, config) as lb:
         socks = hold(bed, 12)
         try:
