@@ -286,15 +286,11 @@ def check_workers(config: Config, mode: str) -> None:
         )
     if offloaded(config, mode):
         # the worker's number is part of each connection's mark (convey.dataplane.rules.offload): at most 255,
-        # DSR "mac" routes by whole marks, DSR "ip" marks must leave bits 24-31 free
+        # and DSR's server marks must leave bits 24-31 free ("mac": its ip rules then compare bits 0-23 only)
         servers = sum(len(b.servers) for b in config.backends.values())
         problem = None
         if count > MAX_OFFLOAD_WORKERS:
             problem = f"at most {MAX_OFFLOAD_WORKERS} workers with flow offload"
-        elif mode == Mode.DSR and config.dsr.rewrite == Rewrite.MAC:
-            problem = (
-                'DSR offload with rewrite = "mac" runs one process (its policy routing matches whole marks)'
-            )
         elif mode == Mode.DSR and config.dsr.fwmark_base + servers >= 1 << 24:
             problem = "DSR offload with workers needs dsr.fwmark_base + servers below 0x1000000"
         if problem is not None:

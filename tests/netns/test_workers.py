@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -293,26 +294,34 @@ def test_a_queue_held_elsewhere_stops_the_start_cleanly(beds: Callable[..., Test
 
 
 @pytest.fixture
-def dsr_bed(beds: Callable[..., Testbed]) -> Iterator[Testbed]:
+def dsr_bed(beds: Callable[..., Testbed], rewrite: str) -> Iterator[Testbed]:
     bed = beds("l2")
-    start_servers(bed, "ip")
-    prepare_servers(bed, "ip")
+    start_servers(bed, rewrite)
+    prepare_servers(bed, rewrite)
     try:
         yield bed
     finally:
         unprepare_servers(bed)
 
 
-@pytest.mark.parametrize(("workers", "offload"), [(2, False), (4, False), (2, True)])
+@pytest.mark.parametrize(
+    ("workers", "offload", "rewrite"),
+    [(2, False, "ip"), (4, False, "ip"), (2, True, "ip"), (2, True, "mac")],
+)
 def test_dsr_workers_spread_and_keep_downloads_when_a_worker_dies(
-    dsr_bed: Testbed, workers: int, offload: bool
+    dsr_bed: Testbed, workers: int, offload: bool, rewrite: str
 ) -> None:
-    """Per packet a restarted worker picks the flow up again (Maglev gives the same server); with offload
-    (``rewrite = "ip"``) the kernel carries it meanwhile and the new worker adopts its entry (its number is in the
-    entry's mark), and each worker's conntrack events are its own: the summed counters stay exact."""
+    """Per packet a restarted worker picks the flow up again (Maglev gives the same server); with offload the
+    kernel carries it meanwhile and the new worker adopts its entry (its number is in the entry's mark), and each
+    worker's conntrack events are its own: the summed counters stay exact. ``mac`` with offload: the worker's
+    number rides in every packet's fwmark, and the policy routing's ip rules compare the server's bits only."""
     bed = dsr_bed
-    config = _merge_dsr_workers(dsr_config(bed, "ip", weights=[1, 1], offload=offload), workers)
+    config = _merge_dsr_workers(dsr_config(bed, rewrite, weights=[1, 1], offload=offload), workers)
+    ip_rules_before = bed.lb.run(["ip", "rule", "show"]).stdout
     with ConveyProcess(bed, config, mode="dsr") as lb:
+        if rewrite == "mac" and offload:
+            rules_now = bed.lb.run(["ip", "rule", "show"]).stdout
+            assert re.search(r"fwmark 0x[0-9a-f]+/0xffffff lookup", rules_now), rules_now
         result = fetch_many(bed.client, bed.vip, DSR_VIP_PORT, 200)
         assert result["failed"] == 0, result
         assert set(result["counts"]) == {"server0", "server1"}, result
@@ -339,6 +348,7 @@ def test_dsr_workers_spread_and_keep_downloads_when_a_worker_dies(
         path.unlink()
         log = lb.stop()
         assert log.count("event=worker_restarted") == workers
+    assert bed.lb.run(["ip", "rule", "show"]).stdout == ip_rules_before  # removed exactly (mac)
 
 
 def _merge_dsr_workers(config: str, workers: int) -> str:

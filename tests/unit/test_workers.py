@@ -165,8 +165,7 @@ def test_more_workers_than_the_port_range_holds() -> None:
     check_workers(with_offload(with_workers(cfg, Mode.PASSTHROUGH, 2), Mode.PASSTHROUGH), Mode.PASSTHROUGH)
     check_workers(with_offload(with_workers(config(), Mode.DSR, 2), Mode.DSR), Mode.DSR)  # rewrite = "ip"
     mac = config('[dsr]\nrewrite = "mac"\n')
-    with pytest.raises(ConfigError, match='rewrite = "mac" runs one process'):
-        check_workers(with_offload(with_workers(mac, Mode.DSR, 2), Mode.DSR), Mode.DSR)
+    check_workers(with_offload(with_workers(mac, Mode.DSR, 2), Mode.DSR), Mode.DSR)
     high = config("[dsr]\nfwmark_base = 0xFFFFFF\n")
     with pytest.raises(ConfigError, match="below 0x1000000"):
         check_workers(with_offload(with_workers(high, Mode.DSR, 2), Mode.DSR), Mode.DSR)
@@ -183,6 +182,28 @@ def test_offload_marks_carry_the_worker() -> None:
     queued = [r for r in passthrough_chains(cfg, two)[("mangle", "CONVEY-PREROUTING")] if "NFQUEUE" in r]
     assert [r.split("--queue-num ")[1].split()[0] for r in queued] == ["0", "1"]
     assert all("-m u32" in r and "--mark 0x0 " in r for r in queued)  # iptables-save omits a full mask
+
+
+def test_dsr_mac_offload_with_workers_routes_by_the_low_24_bits() -> None:
+    """Offloaded DSR mac connections carry the worker's number in their marks (bits 24-31, restored into the
+    fwmark of every packet): the policy routing's ip rules then compare bits 0-23 only, the server's mark."""
+    from convey.dataplane.rules import show
+    from convey.dataplane.rules.offload import offload_plan, worker_bits
+    from convey.dataplane.rules.ruleset import FULL_MARK, fwmark_mask, mark_plan
+
+    mac = config('[dsr]\nrewrite = "mac"\n')
+    one = with_offload(mac, Mode.DSR)
+    two = with_offload(with_workers(mac, Mode.DSR, 2), Mode.DSR)
+    assert fwmark_mask(one) == FULL_MARK and fwmark_mask(with_workers(mac, Mode.DSR, 2)) == FULL_MARK
+    assert fwmark_mask(two) == 0xFFFFFF and {r.mask for r in mark_plan(two)} == {0xFFFFFF}
+    plan = offload_plan(two, Mode.DSR)
+    assert plan.servers == offload_plan(one, Mode.DSR).servers  # the same marks, one process or several
+    for server, bits in plan.servers.items():
+        assert plan.server_of(bits | worker_bits(1)) == plan.server_of(bits)
+        assert plan.server_of(bits | worker_bits(1)) is not None, server
+    first = mark_plan(two)[0]
+    assert f"fwmark {first.mark:#x}/0xffffff lookup {first.table}" in show(two, Mode.DSR)
+    assert f"fwmark {first.mark:#x} lookup {first.table}" in show(one, Mode.DSR)
 
 
 # -- merge ------------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from convey.dataplane.rules.ruleset import (
     _comment,
     _queue_num,
     _return_matches,
+    fwmark_mask,
     mark_plan,
     packet_mode,
     uses_marks,
@@ -68,7 +69,8 @@ SOURCE_FIELD = 0xFF
 WORKER_SHIFT = 24
 WORKER_FIELD = 0xFF000000
 MAX_OFFLOAD_WORKERS = WORKER_FIELD >> WORKER_SHIFT
-# DSR marks: the whole mark names the server (the mac flavour's ip rules match it exactly)
+# DSR marks: the whole mark names the server, or with workers bits 0-23 (the mac flavour's ip rules then compare
+# only those: ruleset.fwmark_mask)
 DSR_MASK = 0xFFFFFFFF
 
 
@@ -153,8 +155,8 @@ def offload_plan(
         servers = _allocate(ids, old, kept, 1 << SERVER_SHIFT, 1 << SERVER_SHIFT, SERVER_FIELD)
         mask = PASSTHROUGH_MASK | (WORKER_FIELD if workers_for(config, mode) > 1 else 0)
         return OffloadPlan(mask, servers, sources, SERVER_FIELD)
-    if uses_marks(config, mode):
-        return OffloadPlan(DSR_MASK, _mac_marks(config, old, kept), (), DSR_MASK)
+    if uses_marks(config, mode):  # with workers the ip rules compare bits 0-23 only (ruleset.fwmark_mask)
+        return OffloadPlan(DSR_MASK, _mac_marks(config, old, kept), (), fwmark_mask(config))
     base = config.dsr.fwmark_base
     if workers_for(config, mode) > 1:  # ip with workers: the server in bits 0-23, the worker in 24-31
         server_mask = DSR_MASK & ~WORKER_FIELD
@@ -391,7 +393,9 @@ def show(config: Config, mode: str, plan: OffloadPlan | None = None) -> str:
             f"#   ip rule add pref {LOCAL_RULE_PREF} lookup local && ip rule del pref 0 lookup local"
         )
         for route in mark_plan(config, host_marks(config, plan)):
-            lines.append(f"#   ip rule add pref {MARK_RULE_PREF} fwmark {route.mark:#x} lookup {route.table}")
+            lines.append(
+                f"#   ip rule add pref {MARK_RULE_PREF} fwmark {route.selector()} lookup {route.table}"
+            )
             lines.append(f"#   ip route add default via {route.gateway} table {route.table}")
     lines.append("")
     return "\n".join(lines) + render(config, mode, plan)

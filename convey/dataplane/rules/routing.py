@@ -2,14 +2,17 @@
 policy routing.
 
 The verdict marks a packet for server *i* with ``fwmark_base + i``; an ``ip rule fwmark M lookup T`` (pref
-:data:`MARK_RULE_PREF`) sends it through table ``route_table_base + i``, whose only route is ``default via
+:data:`MARK_RULE_PREF`; ``fwmark M/0xffffff`` with offload and several workers, whose marks carry the worker's
+number in bits 24-31: :func:`~.ruleset.fwmark_mask`) sends it through table ``route_table_base + i``, whose
+only route is ``default via
 <server>``, so the frame goes to the server's MAC with the destination IP still the VIP. The VIP is local, so
 these rules must come before the ``local`` rule, which sits at pref 0 by default: install moves it to
 :data:`LOCAL_RULE_PREF`, right after our rules and still before every other rule, so unmarked traffic is routed
 exactly as before. (Moving it to 32765 instead would put any existing policy rule in front of local delivery.)
 
 What install added is recorded in the state file's ``routing`` dict (``marks``: mark, table, gateway, oif of
-each; ``local_moved``: from, to, protocol) so that remove deletes exactly that. ``ipr`` is an ``IPRoute`` from
+each, and the rule's fwmark mask when it is not the whole mark; ``local_moved``: from, to,
+protocol) so that remove deletes exactly that. ``ipr`` is an ``IPRoute`` from
 :func:`convey.dataplane.kernel_state.iproute`.
 """
 
@@ -21,6 +24,7 @@ from typing import Any
 
 from convey.config import Config, ConfigError
 from convey.dataplane.rules.ruleset import (
+    FULL_MARK,
     LOCAL_RULE_PREF,
     MARK_RULE_PREF,
     RulesError,
@@ -35,7 +39,8 @@ FR_ACT_TO_TBL = 1
 AF_INET = 2
 
 Routing = dict[str, Any]  # the state file's "routing" section
-Mark = dict[str, Any]  # one planned or installed mark: mark, table, gateway, oif
+# one planned or installed mark: mark, table, gateway, oif (and mask, when not FULL_MARK)
+Mark = dict[str, Any]
 
 _SELECTORS = ("FRA_SRC", "FRA_DST", "FRA_IIFNAME", "FRA_OIFNAME", "FRA_FWMARK", "FRA_SPORT_RANGE")
 
@@ -98,7 +103,8 @@ def involved_ifaces(ipr: Any, config: Config) -> tuple[list[str], list[str]]:
 
 
 def ip_rules(ipr: Any) -> list[dict[str, Any]]:
-    """IPv4 ip rules as plain dicts: pref, table, fwmark, protocol, plain (no selector besides the table)."""
+    """IPv4 ip rules as plain dicts: pref, table, fwmark, fwmask (FULL_MARK when the rule gives none), protocol,
+    plain (no selector besides the table)."""
     result = []
     for msg in ipr.get_rules(family=AF_INET):
         plain = (
@@ -113,6 +119,7 @@ def ip_rules(ipr: Any) -> list[dict[str, Any]]:
                 "pref": msg.get_attr("FRA_PRIORITY") or 0,
                 "table": msg.get_attr("FRA_TABLE") or msg["table"],
                 "fwmark": msg.get_attr("FRA_FWMARK"),
+                "fwmask": msg.get_attr("FRA_FWMASK", FULL_MARK),
                 "protocol": msg.get_attr("FRA_PROTOCOL") or 0,
                 "plain": plain,
             }
@@ -157,7 +164,10 @@ def _plan_routes(ipr: Any, config: Config, marks: Mapping[str, int] | None = Non
                 f'{route.gateway} is reached via the gateway {found.gateway}; dsr.rewrite = "mac" needs the '
                 "balancer and every server on one L2 segment (a directly connected network)",
             )
-        planned.append({"mark": route.mark, "table": route.table, "gateway": route.gateway, "oif": found.oif})
+        item: Mark = {"mark": route.mark, "table": route.table, "gateway": route.gateway, "oif": found.oif}
+        if route.mask != FULL_MARK:
+            item["mask"] = route.mask
+        planned.append(item)
     return planned
 
 
@@ -170,7 +180,7 @@ def check(ipr: Any, config: Config, routing: Routing, marks: Mapping[str, int] |
         for rule in rules:
             if rule["fwmark"] == item["mark"] and rule["table"] != item["table"]:
                 raise RulesError(
-                    f"an ip rule (pref {rule['pref']}) already uses fwmark {item['mark']:#x}; "
+                    f"an ip rule (pref {rule['pref']}) already uses fwmark {selector(item)}; "
                     "choose another dsr.fwmark_base"
                 )
         if table_routes(ipr, item["table"]) and item["table"] not in {m["table"] for m in previous}:
@@ -215,9 +225,9 @@ def install(ipr: Any, planned: list[Mark], routing: Routing) -> list[str]:
     """Set up ``planned`` (from :func:`check`), dropping what an earlier install set up and this one does not
     want; records it all in ``routing``. Returns what changed, one line each."""
     lines: list[str] = []
-    wanted = [(i["mark"], i["table"], i["gateway"], i["oif"]) for i in planned]
+    wanted = [(i["mark"], mask_of(i), i["table"], i["gateway"], i["oif"]) for i in planned]
     for old in routing.get("marks", []):
-        if (old["mark"], old["table"], old["gateway"], old["oif"]) not in wanted:
+        if (old["mark"], mask_of(old), old["table"], old["gateway"], old["oif"]) not in wanted:
             lines += _delete_mark(ipr, old)
     routing["marks"] = planned
     rules = ip_rules(ipr)
@@ -249,33 +259,50 @@ def _add_mark(ipr: Any, item: Mark, rules: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"ip route replace default via {item['gateway']} dev {item['oif']} table {item['table']}"
         )
-    if not any(
-        r["fwmark"] == item["mark"] and r["table"] == item["table"] and r["pref"] == MARK_RULE_PREF
-        for r in rules
-    ):
+    if not any(_is_rule_of(r, item) for r in rules):
         ipr.rule(
-            "add", family=AF_INET, priority=MARK_RULE_PREF, fwmark=item["mark"], table=item["table"],
-            protocol=RTPROT_STATIC,
+            "add", family=AF_INET, priority=MARK_RULE_PREF, fwmark=item["mark"], fwmask=mask_of(item),
+            table=item["table"], protocol=RTPROT_STATIC,
         )  # fmt: skip
-        lines.append(f"ip rule add pref {MARK_RULE_PREF} fwmark {item['mark']:#x} lookup {item['table']}")
+        lines.append(f"ip rule add pref {MARK_RULE_PREF} fwmark {selector(item)} lookup {item['table']}")
     return lines
 
 
 def _delete_mark(ipr: Any, item: Mark) -> list[str]:
     lines = []
     for rule in ip_rules(ipr):
-        if (
-            rule["fwmark"] == item["mark"]
-            and rule["table"] == item["table"]
-            and rule["pref"] == MARK_RULE_PREF
-        ):
-            ipr.rule("del", family=AF_INET, priority=MARK_RULE_PREF, fwmark=item["mark"], table=item["table"])
-            lines.append(f"ip rule del pref {MARK_RULE_PREF} fwmark {item['mark']:#x} lookup {item['table']}")
+        if _is_rule_of(rule, item):
+            ipr.rule(
+                "del", family=AF_INET, priority=MARK_RULE_PREF, fwmark=item["mark"], fwmask=mask_of(item),
+                table=item["table"],
+            )  # fmt: skip
+            lines.append(f"ip rule del pref {MARK_RULE_PREF} fwmark {selector(item)} lookup {item['table']}")
     for route in table_routes(ipr, item["table"]):
         if route["dst_len"] == 0 and route.get_attr("RTA_GATEWAY") == item["gateway"]:
             ipr.route("del", dst="0.0.0.0/0", gateway=item["gateway"], table=item["table"])
             lines.append(f"ip route del default via {item['gateway']} table {item['table']}")
     return lines
+
+
+def mask_of(item: Mark) -> int:
+    """The fwmark mask of a planned or recorded mark (state files before masks existed record none)."""
+    return int(item.get("mask", FULL_MARK))
+
+
+def selector(item: Mark) -> str:
+    """A mark's ip rule selector as ``ip rule`` prints it: ``0x10``, or ``0x10/0xffffff``."""
+    mask = mask_of(item)
+    return f"{item['mark']:#x}" if mask == FULL_MARK else f"{item['mark']:#x}/{mask:#x}"
+
+
+def _is_rule_of(rule: dict[str, Any], item: Mark) -> bool:
+    """Whether an ip rule (from :func:`ip_rules`) is the one ``item``'s mark installs."""
+    return bool(
+        rule["fwmark"] == item["mark"]
+        and rule["fwmask"] == mask_of(item)
+        and rule["table"] == item["table"]
+        and rule["pref"] == MARK_RULE_PREF
+    )
 
 
 def remove(ipr: Any, routing: Routing) -> list[str]:
@@ -304,7 +331,10 @@ def remove(ipr: Any, routing: Routing) -> list[str]:
 
 def guess(ipr: Any, config: Config) -> Routing:
     """Without a state file: what a DSR mac install of this config would have left (remove's fallback)."""
-    marks = [{"mark": r.mark, "table": r.table, "gateway": r.gateway, "oif": ""} for r in mark_plan(config)]
+    marks = [
+        {"mark": r.mark, "table": r.table, "gateway": r.gateway, "oif": "", "mask": r.mask}
+        for r in mark_plan(config)
+    ]
     routing: Routing = {"marks": marks}
     local = local_rule(ip_rules(ipr))
     if local is not None and local["pref"] == LOCAL_RULE_PREF:
@@ -318,11 +348,15 @@ def problems(ipr: Any, config: Config, marks: Mapping[str, int] | None = None) -
     rules = ip_rules(ipr)
     local = local_rule(rules)
     for route in mark_plan(config, marks):
-        mark_rules = [r for r in rules if r["fwmark"] == route.mark and r["table"] == route.table]
+        mark_rules = [
+            r
+            for r in rules
+            if r["fwmark"] == route.mark and r["fwmask"] == route.mask and r["table"] == route.table
+        ]
         if not mark_rules:
-            found.append(f"no ip rule fwmark {route.mark:#x} lookup {route.table}")
+            found.append(f"no ip rule fwmark {route.selector()} lookup {route.table}")
         elif local is not None and min(r["pref"] for r in mark_rules) >= local["pref"]:
-            found.append(f"ip rule fwmark {route.mark:#x} comes after the `lookup local` rule")
+            found.append(f"ip rule fwmark {route.selector()} comes after the `lookup local` rule")
         gateways = [r.get_attr("RTA_GATEWAY") for r in table_routes(ipr, route.table) if r["dst_len"] == 0]
         if route.gateway not in gateways:
             found.append(f"no route default via {route.gateway} in table {route.table}")

@@ -25,7 +25,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from convey.config import Config, ConfigError, workers_for
+from convey.config import Config, ConfigError, offloaded, workers_for
 from convey.errors import ConveyError
 from convey.modes import PACKET_MODES, Mode, Rewrite
 from convey.workers.slices import client_steer_match, icmp_steer_matches, return_port_ranges
@@ -44,6 +44,8 @@ ICMP_ERRORS = (3, 11, 12)
 MARK_RULE_PREF = 100  # our fwmark rules
 LOCAL_RULE_PREF = 101  # where the `local` rule goes when it was at pref 0
 RESERVED_TABLES = (0, 253, 254, 255)  # unspec, default, main, local
+FULL_MARK = 0xFFFFFFFF  # an ip rule's fwmark mask when none is given: the whole mark
+SERVER_MARK_BITS = 0x00FFFFFF  # DSR mac offload with workers: the server's mark, below the worker's number
 
 IP_FORWARD = "net.ipv4.ip_forward"
 RESERVED_PORTS = "net.ipv4.ip_local_reserved_ports"
@@ -243,7 +245,9 @@ def show(config: Config, mode: str) -> str:
             f"#   ip rule add pref {LOCAL_RULE_PREF} lookup local && ip rule del pref 0 lookup local"
         )
         for route in mark_plan(config):
-            lines.append(f"#   ip rule add pref {MARK_RULE_PREF} fwmark {route.mark:#x} lookup {route.table}")
+            lines.append(
+                f"#   ip rule add pref {MARK_RULE_PREF} fwmark {route.selector()} lookup {route.table}"
+            )
             lines.append(f"#   ip route add default via {route.gateway} table {route.table}")
     lines.append("")
     return "\n".join(lines) + render(config, mode)
@@ -272,6 +276,20 @@ class MarkRoute:
     table: int
     gateway: str  # the server address
     servers: tuple[tuple[str, str], ...]  # (backend, server name) sharing that address
+    mask: int = FULL_MARK  # the fwmark bits the ip rule compares (see fwmark_mask)
+
+    def selector(self) -> str:
+        """The ip rule's fwmark selector as ``ip rule`` prints it: ``0x10``, or ``0x10/0xffffff``."""
+        return f"{self.mark:#x}" if self.mask == FULL_MARK else f"{self.mark:#x}/{self.mask:#x}"
+
+
+def fwmark_mask(config: Config) -> int:
+    """The fwmark bits DSR ``rewrite = "mac"``'s ip rules compare: the whole mark, except with offload and
+    several workers, whose marks carry the worker's number in bits 24-31 (``rules.offload.WORKER_FIELD``) on
+    every packet (the connmark restored into the fwmark): then bits 0-23, the server's mark."""
+    if offloaded(config, Mode.DSR) and workers_for(config, Mode.DSR) > 1:
+        return SERVER_MARK_BITS
+    return FULL_MARK
 
 
 def mark_plan(config: Config, marks: Mapping[str, int] | None = None) -> list[MarkRoute]:
@@ -287,6 +305,7 @@ def mark_plan(config: Config, marks: Mapping[str, int] | None = None) -> list[Ma
         for server in back.servers:
             by_host.setdefault(server.addr.host, []).append((back.name, server.name))
     base = config.dsr.fwmark_base
+    mask = fwmark_mask(config)
     given = dict(marks or {})
     taken = {mark - base for mark in given.values()}
     indexes: dict[str, int] = {}
@@ -313,7 +332,7 @@ def mark_plan(config: Config, marks: Mapping[str, int] | None = None) -> list[Ma
         mark = base + index
         if index < 0 or mark > 0xFFFFFFFF:
             raise ConfigError(config.path, "dsr.fwmark_base", f"fwmark {mark:#x} does not fit in 32 bits")
-        plan.append(MarkRoute(mark, table, host, tuple(servers)))
+        plan.append(MarkRoute(mark, table, host, tuple(servers), mask))
     return plan
 
 
