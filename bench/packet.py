@@ -85,6 +85,7 @@ ACCEPT_ONLY = "accept-only loop"
 PER_PACKET = "passthrough per-packet"
 OFFLOAD = "passthrough offload"
 OFFLOAD_THREAD = "offload, verdict thread"
+OFFLOAD_NO_ACCOUNTING = "offload, accounting off"
 
 
 def per_packet_workers(count: int) -> str:
@@ -96,7 +97,8 @@ def offload_workers(count: int) -> str:
 
 
 ROW_ORDER = (KERNEL_FWD, KERNEL_NAT, ACCEPT_ONLY, PER_PACKET, *(per_packet_workers(n) for n in range(2, 9)),
-             OFFLOAD, *(offload_workers(n) for n in range(2, 9)), OFFLOAD_THREAD)  # fmt: skip
+             OFFLOAD, *(offload_workers(n) for n in range(2, 9)), OFFLOAD_THREAD,
+             OFFLOAD_NO_ACCOUNTING)  # fmt: skip
 WORKER_TARGETS = {l4.CONNS: 1.6}  # per-packet with 2 workers / with 1, issue 9
 TARGETS = {l4.UP: 0.9, l4.DOWN: 0.9, l4.CONNS: 0.7}  # offload / kernel NAT, issue 8
 
@@ -253,12 +255,19 @@ class ConveyPath(DataPath):
     """The real ``convey --passthrough [--offload] --install-rules`` process."""
 
     def __init__(
-        self, bed: Testbed, offload: bool = False, verdict_thread: bool = False, workers: int = 1
+        self,
+        bed: Testbed,
+        offload: bool = False,
+        verdict_thread: bool = False,
+        workers: int = 1,
+        accounting: bool = True,
     ) -> None:
         super().__init__(bed)
         self.offload = offload
         self.workers = workers
         self.name = (OFFLOAD_THREAD if verdict_thread else OFFLOAD) if offload else PER_PACKET
+        if not accounting:
+            self.name = OFFLOAD_NO_ACCOUNTING
         # the blast's packets/s and CPU per packet are measured for one process
         self.pps = not offload and workers == 1
         if workers > 1:
@@ -267,7 +276,9 @@ class ConveyPath(DataPath):
             l4.flush_conntrack(bed.lb)
         name = "bench-offload" if offload else "bench-convey"
         try:
-            env = {"CONVEY_OFFLOAD_VERDICTS": "thread"} if verdict_thread else None
+            env = {"CONVEY_OFFLOAD_VERDICTS": "thread"} if verdict_thread else {}
+            if not accounting:  # measurement only: no conntrack events, nothing counted (see accounting_on)
+                env["CONVEY_OFFLOAD_ACCOUNTING"] = "off"
             text = config_text(bed, offload, workers)
             self.convey: Any = ConveyProcess(bed, text, name=name, extra_env=env).start()
         except ConveyProcessError as exc:
@@ -364,6 +375,8 @@ def bench(args: argparse.Namespace) -> Results:
                 )
             if args.verdict_thread:
                 rows.append((OFFLOAD_THREAD, lambda: ConveyPath(bed, offload=True, verdict_thread=True)))
+            if args.accounting_off:
+                rows.append((OFFLOAD_NO_ACCOUNTING, lambda: ConveyPath(bed, offload=True, accounting=False)))
 
         def measure(row: l4.Row) -> None:
             assert isinstance(row, DataPath)
@@ -393,6 +406,8 @@ def report(results: Results) -> str:
         (PER_PACKET, KERNEL_NAT, "passthrough per-packet / kernel NAT:", False),
         (OFFLOAD, PER_PACKET, "passthrough offload / per-packet:", False),
         (OFFLOAD_THREAD, OFFLOAD, "offload, verdict thread / inline:", False),
+        (OFFLOAD_NO_ACCOUNTING, KERNEL_NAT, "offload, accounting off / kernel NAT:", True),
+        (OFFLOAD_NO_ACCOUNTING, OFFLOAD, "offload, accounting off / on:", False),
     ):
         line = l4.ratio_line(s, row, base, label, TARGETS if targets else None)
         if line:
@@ -436,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--verdict-thread", action="store_true",
                         help="also an offload row with a verdict thread (CONVEY_OFFLOAD_VERDICTS=thread)")  # fmt: skip
+    parser.add_argument("--accounting-off", action="store_true",
+                        help="also an offload row without conntrack accounting (CONVEY_OFFLOAD_ACCOUNTING=off: "
+                             "nothing counted; measures what the accounting costs)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2,
                         help="also per-packet and offload rows with this many worker processes (default 2; 1: none)")  # fmt: skip
     parser.add_argument("--keep-time-wait", action="store_true",

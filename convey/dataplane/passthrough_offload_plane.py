@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -45,9 +46,17 @@ from convey.dataplane.verdict_sender import (
 from convey.modes import Mode
 from convey.packet.offload import OffloadDecision
 
-__all__ = ["PassthroughOffloadPlane"]
+__all__ = ["PassthroughOffloadPlane", "accounting_on"]
 
 log = logging.getLogger("convey.packet")
+
+
+def accounting_on() -> bool:
+    """False only with ``CONVEY_OFFLOAD_ACCOUNTING=off``, a measurement knob (``bench/packet.py
+    --accounting-off``): the plane then subscribes to no conntrack event, so /stats counts no connection and no
+    byte, and least_conn sees none. It exists to measure what the per-connection accounting costs (the events,
+    their decoding, the counters GET at each close) against the decision alone; never for serving."""
+    return os.environ.get("CONVEY_OFFLOAD_ACCOUNTING", "on") != "off"
 
 
 class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
@@ -71,6 +80,12 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
         # before anything changes: a kernel without conntrack, NAT, connmark or ctnetlink -> OffloadUnavailable
         await asyncio.to_thread(require_kernel, config, self.mode)
         self.plan = self.fixed_plan or offload_plan(config, self.mode)
+        if not accounting_on():
+            log.warning(
+                "event=offload_accounting_off reason=CONVEY_OFFLOAD_ACCOUNTING=off note=%r",
+                "benchmark only: no conntrack events, connections and bytes are not counted, "
+                "least_conn sees no connection",
+            )
         await super().start(config)
 
     async def _start(self, config: Config) -> None:
@@ -189,7 +204,7 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
         self.offload.vips = self.vips
         self.offload.backend_of = self.backend_of
         self.offload.server_of = self.plan.server_of
-        if self.monitor is None:  # at start, before the queue is bound
+        if self.monitor is None and accounting_on():  # at start, before the queue is bound
             self._start_monitor()
 
     def _rules_options(self) -> dict[str, Any]:

@@ -251,3 +251,14 @@ def test_the_offload_plane_refuses_to_start_on_a_kernel_without_conntrack(
     assert isinstance(plane, plane_mod.PassthroughOffloadPlane)
     with pytest.raises(OffloadUnavailable, match=r"nf_conntrack_acct.*modprobe nf_conntrack"):
         asyncio.run(plane.start(config))
+
+
+def test_accounting_is_on_unless_the_measurement_knob_turns_it_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    from convey.dataplane.passthrough_offload_plane import accounting_on
+
+    monkeypatch.delenv("CONVEY_OFFLOAD_ACCOUNTING", raising=False)
+    assert accounting_on()
+    monkeypatch.setenv("CONVEY_OFFLOAD_ACCOUNTING", "on")
+    assert accounting_on()
+    monkeypatch.setenv("CONVEY_OFFLOAD_ACCOUNTING", "off")
+    assert not accounting_on()
