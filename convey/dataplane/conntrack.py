@@ -6,6 +6,10 @@
   the NFQUEUE binding: one loop, one thread, no locks; each readable event drains at most ``BATCH`` datagrams so
   health checks, verdicts and /stats keep running under a burst. A thread would buy nothing: decoding is the
   only work and it needs the GIL.
+- Passthrough offload opens its connections from its own decisions (``decided_ledger``): ``Monitor`` with
+  ``opens_from_decisions`` subscribes to no NEW event, has the kernel drop the DESTROY of an entry that closed
+  already (``conntrack_bpf``'s ``destroy_unless``), and every ``CHECK_EVERY`` seconds asks for the entries of
+  connections decided long ago that conntrack never named (a GET by tuple; "no such entry" closes them).
 - When the kernel could not queue an event (the socket buffer was full) the next ``recv`` fails with ENOBUFS:
   ``Monitor`` then drains what is queued, dumps the table (``dump``) synchronously, so that events received
   during the dump are applied after it, and lets the ``Ledger`` resynchronise; it logs ``event=conntrack_resync``
@@ -44,7 +48,9 @@ from convey.dataplane.conntrack_records import (
     Ledger,
     MarkFilter,
     ResyncReport,
+    TcpState,
 )
+from convey.dataplane.decided_ledger import DecidedLedger
 from convey.errors import ConveyError
 
 __all__ = ["ConntrackError", "EventSource", "Monitor", "Writer", "dump", "open_socket", "probe"]
@@ -58,6 +64,8 @@ EVENT_RCVBUF = 8 * 1024 * 1024  # ~10k events of slack (an event skb takes ~750 
 BATCH = 256  # datagrams (one event each) per readable event: ~4 ms; a busy queue cannot starve it
 RECV_SIZE = 65536
 REARM_INTERVAL = 0.25  # seconds between re-registrations of the event socket's reader (see Monitor.rearm)
+CHECK_EVERY = 5.0  # seconds between two looks for decided connections conntrack never named (DecidedLedger)
+CHECKS_MAX = 65536  # GETs of such checks awaiting an answer (oldest forgotten first)
 
 
 class ConntrackError(ConveyError):
@@ -113,7 +121,8 @@ def _attach_filter(sock: socket.socket, program: bytes) -> None:
 
 
 class EventSource:
-    """NEW, closing UPDATE and DESTROY events of our entries, read without blocking."""
+    """NEW, closing UPDATE and DESTROY events of our entries, read without blocking. Without ``new_events`` no
+    NEW, and no DESTROY of an entry in an ``update_states`` state (its close came as an UPDATE)."""
 
     def __init__(
         self,
@@ -122,12 +131,19 @@ class EventSource:
         netns: str | None = None,
         rcvbuf: int = EVENT_RCVBUF,
         kernel_filter: bool = True,
+        new_events: bool = True,
     ) -> None:
-        groups = 1 << (wire.GROUP_NEW - 1) | 1 << (wire.GROUP_UPDATE - 1) | 1 << (wire.GROUP_DESTROY - 1)
+        groups = 1 << (wire.GROUP_UPDATE - 1) | 1 << (wire.GROUP_DESTROY - 1)
+        if new_events:
+            groups |= 1 << (wire.GROUP_NEW - 1)
         self.sock = open_socket(groups, netns, rcvbuf)
         self.sock.setblocking(False)
         if kernel_filter:
-            _attach_filter(self.sock, event_filter(ours, update_states))
+            # without NEW events (passthrough offload): a DESTROY in TIME_WAIT says nothing new (the close came as
+            # an UPDATE, the bytes with the GET then); one in CLOSE may be the only word of a connection whose
+            # SYN was answered with a RST (conntrack kills that entry at once, before any UPDATE)
+            destroy_unless = None if new_events else (TcpState.TIME_WAIT,)
+            _attach_filter(self.sock, event_filter(ours, update_states, destroy_unless))
         self.datagrams = 0
         self.overflows = 0
         self._fd: int | None = None
@@ -268,10 +284,12 @@ class Writer:
 class Monitor:
     """Events in, ``Change``s out to ``on_changes``; resynchronises from a dump after an overflow."""
 
-    ledger: Ledger
+    ledger: Ledger | DecidedLedger
     on_changes: Callable[[list[Change]], None]
     netns: str | None = None
     rcvbuf: int = EVENT_RCVBUF
+    # the ledger opens connections from convey's decisions (DecidedLedger): no NEW events, checks instead
+    opens_from_decisions: bool = False
     # At a close, ask for the entry's counters (a GET) instead of waiting for its DESTROY, which in TIME_WAIT
     # comes 120 s or more later: the bytes of a finished connection show at once.
     fetch_on_close: bool = True
@@ -281,6 +299,9 @@ class Monitor:
     resync_errors: int = 0
     fetches: int = 0
     fetch_misses: int = 0  # the entry was gone already: its DESTROY carries the bytes
+    checks: int = 0  # GETs for decided connections conntrack never named
+    _checks: dict[int, bytes] = field(default_factory=dict)  # their seq -> tuple key (oldest first)
+    _next_check: float = 0.0
     _query: socket.socket | None = None
     _seq: int = 0
     _loop: asyncio.AbstractEventLoop | None = None
@@ -289,8 +310,14 @@ class Monitor:
     def start(self, loop: asyncio.AbstractEventLoop | None = None, initial_dump: bool = True) -> None:
         """Subscribe, then (so nothing falls between the two) take the current table as the starting point.
         Without a loop, call ``on_readable`` to poll."""
-        self.source = EventSource(self.ledger.ours, self.ledger.closed_states, self.netns, self.rcvbuf)
-        if self.fetch_on_close:
+        self.source = EventSource(
+            self.ledger.ours,
+            self.ledger.closed_states,
+            self.netns,
+            self.rcvbuf,
+            new_events=not self.opens_from_decisions,
+        )
+        if self.fetch_on_close or self.opens_from_decisions:
             self._query = open_socket(0, self.netns, 4 * 1024 * 1024)
             self._query.setblocking(False)
         if initial_dump:
@@ -305,6 +332,8 @@ class Monitor:
     def _rearm_tick(self) -> None:
         try:
             self.rearm()
+            if self.opens_from_decisions:
+                self.check(time.monotonic())
         except Exception:
             log.exception("event=conntrack_rearm_error")
         if self._loop is not None and self.source is not None:
@@ -333,14 +362,37 @@ class Monitor:
                 changes.extend(got)
                 if rec.kind is CtKind.UPDATE:
                     closed.extend(c.orig_key for c in got if isinstance(c, Closed))
-        if closed and self._query is not None:
-            self._fetch(closed)
         if changes:
             self.on_changes(changes)
-        if self._loop is None:
+        if closed and self._query is not None:
+            self._fetch(closed)
+        if self._loop is None and not closed:
             self.on_answers()
         if overflowed:
             self.resync("overflow")
+
+    def check(self, now: float) -> None:
+        """Every ``CHECK_EVERY`` seconds: a GET for each connection decided long ago that conntrack never named
+        (``DecidedLedger.unconfirmed``); "no such entry" closes it (``on_answers``), an entry names it."""
+        if now < self._next_check or self._query is None or not isinstance(self.ledger, DecidedLedger):
+            return
+        self._next_check = now + CHECK_EVERY
+        keys = self.ledger.unconfirmed(now)
+        if not keys:
+            return
+        messages, seq = [], self._seq
+        for key in keys:
+            seq = (seq + 1) & 0x7FFFFFFF
+            messages.append(requests.encode_get_key(seq, key))
+            self._checks[seq] = key
+            if len(self._checks) > CHECKS_MAX:
+                del self._checks[next(iter(self._checks))]
+        self._seq = seq
+        try:
+            self._query.send(b"".join(messages))
+            self.checks += len(keys)
+        except OSError as exc:  # asked again in CHECK_AGAIN seconds
+            log.debug("event=conntrack_check_failed error=%r", str(exc))
 
     def _fetch(self, keys: list[bytes]) -> None:
         assert self._query is not None
@@ -355,6 +407,10 @@ class Monitor:
             self.fetches += len(keys)
         except OSError as exc:  # the DESTROY will bring the bytes
             log.debug("event=conntrack_fetch_failed error=%r", str(exc))
+            return
+        # ctnetlink answers a GET inside the send: the answers wait in the socket already. Reading them now
+        # saves the loop a wakeup per close (the reader stays registered for anything left).
+        self.on_answers()
 
     def on_answers(self) -> None:
         """The answers to the GETs sent at closes: counters, folded in as partial byte counts."""
@@ -372,7 +428,11 @@ class Monitor:
                 if isinstance(item, CtRecord):
                     changes.extend(self.ledger.apply(item))
                 elif isinstance(item, wire.NlError) and item.errno:
-                    self.fetch_misses += 1
+                    key = self._checks.pop(item.seq, None)
+                    if key is not None and isinstance(self.ledger, DecidedLedger):
+                        changes.extend(self.ledger.missing(key))
+                    else:
+                        self.fetch_misses += 1
         if changes:
             self.on_changes(changes)
 
@@ -418,6 +478,11 @@ class Monitor:
             "open": len(self.ledger.open),
             "fetches": self.fetches,
             "fetch_misses": self.fetch_misses,
+            **(
+                {"checks": self.checks, "unconfirmed": self.ledger.unconfirmed_closed}
+                if isinstance(self.ledger, DecidedLedger)
+                else {}
+            ),
         }
 
     def stop(self) -> None:

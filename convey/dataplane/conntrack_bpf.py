@@ -6,7 +6,10 @@ FIN_WAIT, LAST_ACK, TIME_WAIT) and one DESTROY, for every entry of the namespace
 the one UPDATE that says the connection closed, for its own entries only. The filter keeps:
 
 - NEW and DESTROY events whose connmark passes ``MarkFilter``;
-- UPDATE events that carry a TCP state in ``states`` (and pass the mark test); ``states=None`` keeps them all.
+- UPDATE events that carry a TCP state in ``states`` (and pass the mark test); ``states=None`` keeps them all;
+- with ``destroy_unless``: only the DESTROY events whose TCP state is not in it (passthrough offload learns a
+  connection's close from its UPDATE and its counters from a GET then: the DESTROY of a TIME_WAIT entry, 120 s
+  later, says nothing new; one that died in another state, a timeout or a reset, still comes).
 
 It uses the kernel's netlink-attribute helpers (``SKF_AD_NLATTR`` finds a top-level attribute by type,
 ``SKF_AD_NLATTR_NEST`` one inside a nest), as libnetfilter_conntrack's filters do. Event messages are one per
@@ -82,31 +85,44 @@ class _Asm:
         return b"".join(out)
 
 
-def event_filter(ours: MarkFilter, states: Iterable[int] | None) -> bytes:
+def _load_tcp_state(a: _Asm, absent: str) -> None:
+    """A := the TCP state (CTA_PROTOINFO > CTA_PROTOINFO_TCP > CTA_PROTOINFO_TCP_STATE, a u8 after its 4-byte
+    header); jumps to ``absent`` when the message has none."""
+    a.op(LD | IMM, ATTRS)
+    a.op(LDX | IMM, CTA_PROTOINFO)
+    a.op(LD | W | ABS, _ancillary(SKF_AD_NLATTR))
+    a.op(JMP | JEQ | K, 0, jt=absent)
+    for inner in (CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE):
+        a.op(LDX | IMM, inner)
+        a.op(LD | W | ABS, _ancillary(SKF_AD_NLATTR_NEST))
+        a.op(JMP | JEQ | K, 0, jt=absent)
+    a.op(MISC | TAX)
+    a.op(LD | B | IND, 4)
+
+
+def event_filter(
+    ours: MarkFilter, states: Iterable[int] | None, destroy_unless: Iterable[int] | None = None
+) -> bytes:
     """The program (an array of ``struct sock_filter``) for SO_ATTACH_FILTER on a ctnetlink event socket."""
     a = _Asm()
     a.op(LD | H | ABS, 4)  # nlmsg_type
-    a.op(JMP | JEQ | K, _host16(CT_DELETE), jt="mark")
+    a.op(JMP | JEQ | K, _host16(CT_DELETE), jt="mark" if destroy_unless is None else "destroy")
     a.op(JMP | JEQ | K, _host16(CT_NEW), jf="drop")
     a.op(LD | H | ABS, 6)  # nlmsg_flags
     a.op(JMP | JSET | K, _host16(NLM_F_CREATE | NLM_F_EXCL), jt="mark")
     if states is None:
         a.op(JMP | JA, jt="mark")
     else:
-        # UPDATE: CTA_PROTOINFO > CTA_PROTOINFO_TCP > CTA_PROTOINFO_TCP_STATE, a u8 after its 4-byte header
-        a.op(LD | IMM, ATTRS)
-        a.op(LDX | IMM, CTA_PROTOINFO)
-        a.op(LD | W | ABS, _ancillary(SKF_AD_NLATTR))
-        a.op(JMP | JEQ | K, 0, jt="drop")
-        for inner in (CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE):
-            a.op(LDX | IMM, inner)
-            a.op(LD | W | ABS, _ancillary(SKF_AD_NLATTR_NEST))
-            a.op(JMP | JEQ | K, 0, jt="drop")
-        a.op(MISC | TAX)
-        a.op(LD | B | IND, 4)
+        _load_tcp_state(a, absent="drop")
         for state in sorted(set(states)):
             a.op(JMP | JEQ | K, state, jt="mark")
         a.op(JMP | JA, jt="drop")
+    if destroy_unless is not None:
+        a.label("destroy")
+        _load_tcp_state(a, absent="mark")
+        for state in sorted(set(destroy_unless)):
+            a.op(JMP | JEQ | K, state, jt="drop")
+        a.op(JMP | JA, jt="mark")
     a.label("mark")
     a.op(LD | IMM, ATTRS)
     a.op(LDX | IMM, CTA_MARK)

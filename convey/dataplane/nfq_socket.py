@@ -88,6 +88,10 @@ class NetlinkQueue:
         self.full_gso = os.environ.get("CONVEY_QUEUE_GSO_CSUM") == "full"
         # Debug only: payloads of at least this many bytes go to sendmsg as their own pieces (0: none does).
         self.big = int(os.environ.get("CONVEY_QUEUE_PIECE_MIN", BIG)) or 1 << 31
+        # Called after each drain's verdicts went out (passthrough offload: read conntrack's events in the same
+        # turn of the loop, rather than in one more wakeup of their own); it must not raise.
+        self.after_drain: Callable[[], None] | None = None
+        self.after_drain_errors = 0
         self.out = bytearray()  # verdicts not sent yet, after the last of ``pieces``
         self.pieces: list[bytes | bytearray] = []  # verdicts not sent yet: heads and big payloads, in order
         self.held = 0  # bytes in ``pieces``
@@ -258,6 +262,11 @@ class NetlinkQueue:
                     break
         finally:
             self.flush()
+        if self.after_drain is not None:
+            try:
+                self.after_drain()
+            except Exception:  # its own reader reports it again; the queue goes on
+                self.after_drain_errors += 1
 
     def full_checksum(self, out: bytearray, at: int, packet: bytes | bytearray) -> None:
         """Write the full TCP checksum of ``packet`` (IPv4, TCP) into its copy at ``out[at:]``; not for a fragment

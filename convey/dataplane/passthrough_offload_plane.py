@@ -10,9 +10,14 @@ kernel picks the port); conntrack rewrites every later packet both ways without 
 - Marks: the ``OffloadPlan`` (``rules.offload_plan``) maps (server, source address) to marks, kept stable
   across reloads (``previous``); a server removed from the config keeps its mark and rules while conntrack
   still holds connections to it (``keep``), and loses them when its last one closes.
-- Counters: ``conntrack.Monitor`` (events, a dump at start: connections alive before a restart are adopted; a
-  resync from a dump after an ENOBUFS overflow) feeds ``OffloadAccounting``: connections opened and closed,
-  bytes both ways, ``Pool.acquire``/``release`` for least_conn. The /stats "offload" section shows it.
+- Counters: a connection opens when the decision accepts its first packet (``DecidedLedger.decided``: total
+  and current connections, ``Pool.acquire`` for least_conn, at once); ``conntrack.Monitor`` with
+  ``opens_from_decisions`` says when it closed (the UPDATE to TIME_WAIT or CLOSE, or a DESTROY) and its bytes
+  (a GET at the close), adopts connections alive before a restart from a dump at start, resynchronises from a
+  dump after an ENOBUFS overflow, and closes a decided connection conntrack never held (a check after
+  ``CHECK_AFTER`` seconds finds no entry: the packet was dropped after its verdict). ``OffloadAccounting``
+  turns those changes into pools and stats scopes; the /stats "offload" section shows it. No NEW event is
+  needed: that halves convey's work per connection (bench/README.md).
 - At start, a kernel without conntrack, NAT, connmark or ctnetlink makes convey refuse to start with what is
   missing and how to get it (``rules.offload_kernel.require_kernel``, over ``conntrack_check``).
 """
@@ -32,7 +37,8 @@ from convey.balancing.pool import Pool
 from convey.config import Config
 from convey.control.flows import Query, Selection
 from convey.dataplane import conntrack
-from convey.dataplane.conntrack_records import HeaderSizes, Ledger, MarkFilter
+from convey.dataplane.conntrack_records import HeaderSizes, MarkFilter
+from convey.dataplane.decided_ledger import DecidedLedger
 from convey.dataplane.nfqueue import Batch
 from convey.dataplane.offload_accounting import OffloadAccounting
 from convey.dataplane.plane import PacketPlane
@@ -71,6 +77,7 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
         self.fixed_plan: OffloadPlan | None = None
         self.offload = OffloadAccounting(pools, stats, self._offload_drained)
         self.monitor: conntrack.Monitor | None = None
+        self.ledger: DecidedLedger | None = None
         self._sizes: tuple[int, int, bool] | None = None
         self._verdicts: VerdictSender | None = None
 
@@ -91,6 +98,9 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
     async def _start(self, config: Config) -> None:
         await super()._start(config)
         assert self._queue is not None
+        if self.monitor is not None and hasattr(self._queue, "after_drain"):
+            # conntrack's events (the closes) read in the queue's turn of the loop: one wakeup less each
+            self._queue.after_drain = self.monitor.on_readable
         if threaded():
             self._verdicts = VerdictSender(queue_fd(self._queue), self._queue.queue_num)
 
@@ -101,6 +111,7 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
         if self.monitor is not None:
             self.monitor.stop()
             self.monitor = None
+        self.ledger = None
         await super().stop(timeout)
         self.offload.close_all()  # after the queue is unbound: a drained removed server changes no rules now
 
@@ -111,14 +122,15 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
             if self.worker_bits
             else MarkFilter(mask=self.plan.mask)
         )
-        ledger = Ledger(ours=ours)
-        self.monitor = conntrack.Monitor(ledger, self.offload.apply)
+        ledger = DecidedLedger(ours=ours)
+        self.monitor = conntrack.Monitor(ledger, self.offload.apply, opens_from_decisions=True)
         try:
             self.monitor.start(asyncio.get_running_loop())  # dumps first: live connections are adopted
         except conntrack.ConntrackError:
             self.monitor.stop()
             self.monitor = None
             raise
+        self.ledger = ledger
 
     # -- the decision and its queue ---------------------------------------------------------------------------
 
@@ -128,7 +140,17 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
     def _new_decider(self, config: Config) -> OffloadDecision:
         capacity = config.passthrough.connection_tracker_capacity
         offload = self.offload
-        return OffloadDecision(self.vips, self._choose, self._mark_of, lambda: len(offload) >= capacity)
+        return OffloadDecision(
+            self.vips, self._choose, self._mark_of, lambda: len(offload) >= capacity, on_open=self._decided
+        )
+
+    def _decided(self, key: bytes, mark: int) -> None:
+        """The decision accepted a connection's first packet: it counts as open from now (see the module doc)."""
+        ledger = self.ledger
+        if ledger is not None:
+            changes = ledger.decided(key, mark, time.monotonic())
+            if changes:
+                self.offload.apply(changes)
 
     def _mark_of(self, server_id: str, flow_hash: int) -> int | None:
         """The mark for a connection to ``server_id``: with several source addresses, the flow hash spreads

@@ -18,6 +18,8 @@ same vocabulary (``convey.packet.counters.PassthroughCounters``; every queued pa
   server (``no_server``): the client is refused with a RST and counted in ``refused`` per frontend;
 - otherwise ``mark_of(server id, flow hash)`` gives the mark, and ``ingress_accepted`` and ``flows_opened``
   count it; None (the server has no mark: no source address can carry it) refuses the client as ``no_port``.
+  ``on_open(key, mark)`` (if given) hears of it: the 12-byte original tuple (client address, VIP address,
+  client port, VIP port), which is how conntrack will name the connection (``decided_ledger``).
 
 What connections actually open, close and carry is learnt from conntrack (``convey.dataplane.
 offload_accounting``), not here. A SYN's header sizes (``header_sizes``: IP header, TCP header, timestamps
@@ -27,6 +29,7 @@ option) are kept for the byte accounting (``HeaderSizes.from_syn``).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from struct import Struct
 
 from convey.packet.admission import Admission, Chooser
 from convey.packet.counters import PassthroughCounters, count_malformed
@@ -36,6 +39,9 @@ __all__ = ["MarkOf", "OffloadDecision", "syn_timestamps"]
 
 # (server id, flow hash) -> the mark naming (server, source address), or None when there is none
 MarkOf = Callable[[str, int], int | None]
+# (original tuple key, mark): a connection convey accepted
+OnOpen = Callable[[bytes, int], None]
+_PORTS = Struct("!HH")
 
 TCPOPT_EOL = 0
 TCPOPT_NOP = 1
@@ -76,11 +82,13 @@ class OffloadDecision(Admission):
         full: Callable[[], bool] = _never_full,
         *,
         rst_unknown: bool = True,
+        on_open: OnOpen | None = None,
     ) -> None:
         self.vips = vips
         self.choose = choose
         self.mark_of = mark_of
         self.full = full
+        self.on_open = on_open
         self.rst_unknown = rst_unknown
         self.rst_out: list[bytes] = []
         self.counters = PassthroughCounters()
@@ -126,4 +134,6 @@ class OffloadDecision(Admission):
             counters.ip_options += 1
         self.header_sizes = (p.ihl, p.tcp_header_len, syn_timestamps(payload, p.ihl, p.tcp_header_len))
         counters.flows_opened += 1
+        if self.on_open is not None:
+            self.on_open(p.src + p.dst + _PORTS.pack(p.sport, p.dport), mark)
         return mark

@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from convey.dataplane import conntrack_bpf as bpf
-from convey.dataplane.conntrack_records import CLOSED_STATES, MarkFilter
+from convey.dataplane.conntrack_records import CLOSED_STATES, MarkFilter, TcpState
 from tests.unit.test_conntrack_wire import DESTROY_DOWNLOAD, NEW_SYN_SENT, UPDATE_SYN_RECV, UPDATE_TIME_WAIT
 
 INSN = struct.Struct("=HBBI")
@@ -100,6 +100,29 @@ def test_keeps_new_and_destroy_and_only_the_closing_updates() -> None:
     assert run(program, NEW_SYN_SENT) and run(program, DESTROY_DOWNLOAD)
     assert run(program, UPDATE_TIME_WAIT)
     assert not run(program, UPDATE_SYN_RECV)
+
+
+def with_state(message: bytes, state: int) -> bytes:
+    """``message`` with its TCP state (CTA_PROTOINFO > CTA_PROTOINFO_TCP > CTA_PROTOINFO_TCP_STATE) replaced."""
+    data = bytearray(message)
+    info = nla_find(data, 20, len(data), bpf.CTA_PROTOINFO)
+    tcp = nla_find(data, info + 4, info + struct.unpack_from("=H", data, info)[0], bpf.CTA_PROTOINFO_TCP)
+    at = nla_find(data, tcp + 4, tcp + struct.unpack_from("=H", data, tcp)[0], bpf.CTA_PROTOINFO_TCP_STATE)
+    assert info and tcp and at
+    data[at + 4] = state
+    return bytes(data)
+
+
+def test_destroys_of_closed_entries_dropped_on_request() -> None:
+    """Passthrough offload (opens from decisions): a DESTROY in TIME_WAIT is dropped (the close and the counters
+    came before); one in CLOSE (a SYN answered with a RST) or another state (a timeout) still comes."""
+    program = bpf.event_filter(MarkFilter(0xFF00), CLOSED_STATES, destroy_unless=[TcpState.TIME_WAIT])
+    assert run(program, UPDATE_TIME_WAIT) and not run(program, UPDATE_SYN_RECV)
+    assert not run(program, with_state(DESTROY_DOWNLOAD, TcpState.TIME_WAIT))
+    assert run(program, with_state(DESTROY_DOWNLOAD, TcpState.CLOSE))
+    timed_out = with_state(DESTROY_DOWNLOAD, 1)  # SYN_SENT: a SYN nobody answered
+    assert run(program, timed_out) and not run(program, with_mark(timed_out, 0x10000))
+    assert run(bpf.event_filter(MarkFilter(0xFF00), CLOSED_STATES), with_state(DESTROY_DOWNLOAD, 7))
 
 
 def test_all_updates_when_no_states_are_given() -> None:

@@ -1,0 +1,220 @@
+"""Passthrough offload's ledger: a connection opens when convey decides it, and conntrack says when it closed.
+
+The first ``Ledger`` (``conntrack_records``) learns every connection from conntrack's NEW event. Passthrough
+offload does not need that event: convey itself decided the connection's first packet (``decided``), so it
+opens the connection there, keyed by its original tuple (client:port -> VIP:port, which one live conntrack
+entry holds at a time), and conntrack only has to say when it closed. That halves what each connection costs
+convey (no NEW event to receive and decode; the DESTROY of a connection already closed is dropped by the
+kernel's filter too), measured in bench/README.md.
+
+- ``decided(key, mark, now)``: an ``Opened`` for a tuple not open yet (a retransmitted SYN decided twice opens
+  once). Each connection gets a serial number, ``uid``: the ``ct_id`` of the changes it yields, so the
+  accounting never mixes two connections that reused a tuple.
+- ``apply(record)``: an UPDATE in a closed state (TIME_WAIT, CLOSE) or a DESTROY closes the connection open on
+  its tuple (``Closed``); the monitor then asks for the entry's counters (a GET), whose answer gives the bytes
+  (``Accounted``, final). Any record of an open connection teaches its conntrack id; one with counters (a
+  check's answer, a dump line) reports the bytes so far.
+- ``unconfirmed(now)``: connections decided long ago whose entry conntrack never named: the monitor asks for
+  them (a GET by tuple). ``missing(key)``: the answer was "no such entry": the accepted packet never made one
+  (dropped after the verdict), so the connection is closed as ``lost`` and counted in ``unconfirmed_closed``.
+- ``resync(entries)``: a dump of our entries (at start, after an event overflow): open ones not known are
+  adopted (a restart), closed or missing ones we hold open are closed, known ones give their bytes so far.
+
+Sans-I/O: records in, changes out; the clock is passed in or read from ``clock``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from convey.dataplane.conntrack_records import (
+    CLOSED_STATES,
+    Accounted,
+    Change,
+    Closed,
+    CtKind,
+    CtRecord,
+    HeaderSizes,
+    MarkFilter,
+    Opened,
+    ResyncReport,
+    TcpState,
+    payload_bytes,
+)
+
+__all__ = ["CHECK_AFTER", "DecidedLedger"]
+
+CHECK_AFTER = 10.0  # seconds a decided connection may go without conntrack naming its entry before a check
+CHECK_AGAIN = 60.0  # seconds between two checks of the same connection (an answer lost, say)
+RESYNC_GRACE = 2.0  # a connection decided this recently and absent from a dump is not closed by it
+
+
+@dataclass(slots=True)
+class _Decided:
+    uid: int
+    mark: int
+    since: float
+    ct_id: int = 0  # 0 until conntrack names the entry (a close, a check's answer, a dump)
+    asked: float = float("-inf")  # when a check was last sent for it
+
+
+@dataclass(slots=True)
+class DecidedLedger:
+    """Our connections by original tuple; see the module doc. ``open`` is what the monitor's counters show."""
+
+    ours: MarkFilter = field(default_factory=MarkFilter)
+    sizes: HeaderSizes = field(default_factory=HeaderSizes)
+    closed_states: frozenset[TcpState] = CLOSED_STATES
+    clock: Callable[[], float] = time.monotonic
+    open: dict[bytes, _Decided] = field(default_factory=dict)
+    # closed connections whose counters were asked for: conntrack id -> uid (oldest first, bounded)
+    fetching: dict[int, int] = field(default_factory=dict)
+    fetching_max: int = 65536
+    reported: dict[int, tuple[int, int]] = field(default_factory=dict)  # uid -> (tx, rx) payload so far
+    # tuples closed by a reset (an UPDATE to CLOSE) whose entry lives on (10 s) until its DESTROY (oldest first)
+    reset: dict[bytes, None] = field(default_factory=dict)
+    unconfirmed_closed: int = 0  # decided, but conntrack never held an entry for them
+    _next_uid: int = 1
+
+    # -- convey's decisions -----------------------------------------------------------------------------------
+
+    def decided(self, key: bytes, mark: int, now: float) -> list[Change]:
+        """Convey accepted the first packet of ``key`` (the 12-byte original tuple) with ``mark``."""
+        if key in self.open:
+            return []  # the same SYN again (a retransmission decided twice): one connection
+        uid = self._next_uid
+        self._next_uid += 1
+        self.open[key] = _Decided(uid, mark, now)
+        return [Opened(uid, mark, key, b"")]
+
+    # -- conntrack's records ----------------------------------------------------------------------------------
+
+    def apply(self, rec: CtRecord) -> list[Change]:
+        """An event, a GET's answer or a dump line."""
+        if not self.ours(rec.mark):
+            return []
+        key = rec.orig_key
+        conn = self.open.get(key)
+        destroy = rec.kind is CtKind.DESTROY
+        closing = destroy or rec.tcp_state in self.closed_states
+        if conn is not None and not self._same_entry(conn, rec, destroy):
+            conn = None
+        if destroy:
+            self.reset.pop(key, None)
+        if conn is None:
+            uid = self.fetching.get(rec.ct_id)
+            if uid is None or not rec.has_counters:
+                return []
+            del self.fetching[rec.ct_id]  # the counters of a connection closed already: its last bytes
+            return self._delta(uid, rec, final=True)
+        conn.ct_id = rec.ct_id
+        if not closing:
+            return self._delta(conn.uid, rec, final=False) if rec.has_counters else []
+        del self.open[key]
+        changes: list[Change] = [Closed(conn.uid, conn.mark, key)]
+        if rec.has_counters:
+            changes += self._delta(conn.uid, rec, final=True)
+        else:  # the monitor asks for the counters: the answer names this entry
+            self.fetching[rec.ct_id] = conn.uid
+            if len(self.fetching) > self.fetching_max:
+                self.reported.pop(self.fetching.pop(next(iter(self.fetching))), None)
+        if not destroy and rec.tcp_state is TcpState.CLOSE:
+            self.reset[key] = None
+            if len(self.reset) > self.fetching_max:
+                del self.reset[next(iter(self.reset))]
+        return changes
+
+    def _same_entry(self, conn: _Decided, rec: CtRecord, destroy: bool) -> bool:
+        """Whether ``rec`` is about the entry of ``conn`` rather than an earlier one on the same tuple.
+
+        Once its id is known, only that id. Before, the DESTROY of the previous connection's entry, which
+        conntrack kills as the new SYN comes in (it reopens a tuple in TIME_WAIT or CLOSE), must not close this
+        one: a DESTROY in TIME_WAIT is always such (a connection reaches TIME_WAIT by an UPDATE first), one in
+        CLOSE is when that tuple was closed by a reset (``reset``); otherwise a DESTROY in CLOSE is this
+        connection's own end (a server that answered its SYN with a RST: conntrack kills the entry at once,
+        with no UPDATE)."""
+        if conn.ct_id:
+            return conn.ct_id == rec.ct_id
+        if not destroy:
+            return True
+        if rec.tcp_state is TcpState.TIME_WAIT:
+            return False
+        return not (rec.tcp_state is TcpState.CLOSE and rec.orig_key in self.reset)
+
+    def _delta(self, uid: int, rec: CtRecord, final: bool) -> list[Change]:
+        sizes = self.sizes
+        tx = payload_bytes(rec.packets_orig or 0, rec.bytes_orig or 0, sizes)
+        rx = payload_bytes(rec.packets_reply or 0, rec.bytes_reply or 0, sizes)
+        old_tx, old_rx = self.reported.pop(uid, (0, 0)) if final else self.reported.get(uid, (0, 0))
+        d_tx, d_rx = max(0, tx - old_tx), max(0, rx - old_rx)
+        if not final:
+            self.reported[uid] = (max(tx, old_tx), max(rx, old_rx))
+        if d_tx == 0 and d_rx == 0:
+            return []
+        return [Accounted(uid, rec.mark, rec.orig_key, d_tx, d_rx)]
+
+    # -- checks of connections conntrack never named ----------------------------------------------------------
+
+    def unconfirmed(self, now: float, after: float = CHECK_AFTER, again: float = CHECK_AGAIN) -> list[bytes]:
+        """Tuples of connections decided more than ``after`` seconds ago that no record has named yet, not
+        asked about in the last ``again`` seconds: the monitor sends a GET for each (marked asked now)."""
+        keys = []
+        for key, conn in self.open.items():
+            if not conn.ct_id and conn.since <= now - after and conn.asked <= now - again:
+                conn.asked = now
+                keys.append(key)
+        return keys
+
+    def missing(self, key: bytes) -> list[Change]:
+        """A check found no entry for ``key``: if conntrack still never named it, the accepted packet made no
+        entry (dropped after its verdict) and the connection is closed as lost."""
+        conn = self.open.get(key)
+        if conn is None or conn.ct_id:
+            return []
+        del self.open[key]
+        self.reported.pop(conn.uid, None)
+        self.unconfirmed_closed += 1
+        return [Closed(conn.uid, conn.mark, key, lost=True)]
+
+    # -- dumps ------------------------------------------------------------------------------------------------
+
+    def resync(self, entries: Iterable[CtRecord]) -> tuple[list[Change], ResyncReport]:
+        """Bring the ledger in line with a dump of the whole table (only our entries are looked at)."""
+        now = self.clock()
+        report = ResyncReport()
+        changes: list[Change] = []
+        seen: set[bytes] = set()
+        for rec in entries:
+            if not self.ours(rec.mark):
+                continue
+            report.entries += 1
+            key = rec.orig_key
+            closing = rec.tcp_state in self.closed_states
+            if not closing:
+                seen.add(key)
+            conn = self.open.get(key)
+            if conn is None:
+                if closing:
+                    continue  # closed before we held it: nothing of ours
+                uid = self._next_uid  # open and not decided by us (a restart, an overflow): adopted
+                self._next_uid += 1
+                self.open[key] = _Decided(uid, rec.mark, now, rec.ct_id)
+                changes.append(Opened(uid, rec.mark, key, rec.reply_key))
+                report.opened += 1
+                if rec.has_counters:
+                    changes += self._delta(uid, rec, final=False)
+                continue
+            before = len(changes)
+            changes += self.apply(rec)
+            if any(isinstance(c, Closed) for c in changes[before:]):
+                report.closed += 1
+        for key, conn in list(self.open.items()):
+            if key not in seen and conn.since <= now - RESYNC_GRACE:
+                del self.open[key]
+                self.reported.pop(conn.uid, None)
+                changes.append(Closed(conn.uid, conn.mark, key, lost=True))
+                report.closed += 1
+                report.lost += 1
+        return changes, report
