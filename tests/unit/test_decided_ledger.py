@@ -101,7 +101,9 @@ def test_a_syn_answered_with_a_reset_closes_by_its_destroy_and_a_reset_tuple_reo
     second = led.decided(key(8), 0x100, 2.0)[0].ct_id
     assert led.apply(rec(CtKind.UPDATE, 8, TcpState.CLOSE)) == [Closed(second, 0x100, key(8))]
     third = led.decided(key(8), 0x100, 3.0)[0].ct_id  # the client reuses the tuple at once
-    assert led.apply(rec(CtKind.DESTROY, 8, TcpState.CLOSE, counters=counters_for(5, 5))) != []  # second's bytes
+    assert (
+        led.apply(rec(CtKind.DESTROY, 8, TcpState.CLOSE, counters=counters_for(5, 5))) != []
+    )  # second's bytes
     assert key(8) in led.open and led.open[key(8)].uid == third  # the reopened connection stays open
 
 
