@@ -127,53 +127,59 @@ def decode(data: bytes | bytearray | memoryview) -> list[Item]:
 
 
 class _Layout:
-    """One ``struct`` for a whole message whose attributes sit where they sat in a message already decoded.
+    """Two ``struct``s for a whole message whose attributes sit where they sat in a message already decoded.
 
     The kernel emits the attributes of an event in a fixed order and size for given contents, so messages of
     the same type, flags and length almost always share a layout: it is learnt from the first one (the attribute
-    walk below decodes it) and then read with one ``unpack_from``, about four times cheaper. Every attribute
-    header is read too and must match, else the message takes the walk (``read`` returns None).
+    walk below decodes it) and then read with two ``unpack_from``: one of every attribute header (length and
+    type, host order), compared whole with the learnt ones (any difference: the message takes the walk, ``read``
+    returns None), and one of the values convey keeps (network order: ids, mark and counters come out as ints).
+    About five times cheaper than the walk.
     """
 
-    __slots__ = ("check", "counters", "expected", "orig", "reply", "scalars", "unpack")
+    __slots__ = ("counters", "expected", "headers", "orig", "reply", "scalars", "values")
+
+    _CODES = {"id": "I", "status": "I", "mark": "I", "state": "B", "counters": "Q"}
 
     def __init__(
-        self, fmt: str, checks: list[int], expected: list[int], fields: dict[str, list[int]]
+        self, header_fmt: str, value_fmt: str, expected: list[int], fields: dict[str, list[int]]
     ) -> None:
-        self.unpack = struct.Struct("=" + fmt).unpack_from
-        self.check = operator.itemgetter(*checks)
+        self.headers = struct.Struct("=" + header_fmt).unpack_from
+        self.values = struct.Struct("!" + value_fmt).unpack_from
         self.expected = tuple(expected)
-        self.orig = operator.itemgetter(*(fields[f"1{name}"][0] for name in ("src", "dst", "sport", "dport")))
-        self.reply = operator.itemgetter(
-            *(fields[f"2{name}"][0] for name in ("src", "dst", "sport", "dport"))
-        )
-        # id, status, mark (4 bytes each) and the TCP state (1 byte); -1: absent
+        self.orig = tuple(fields[f"1{name}"][0] for name in ("src", "dst", "sport", "dport"))
+        self.reply = tuple(fields[f"2{name}"][0] for name in ("src", "dst", "sport", "dport"))
+        # id, status, mark and the TCP state; -1: absent
         self.scalars = tuple(fields.get(name, [-1])[0] for name in ("id", "status", "mark", "state"))
         counters = fields.get("counters", [])
         self.counters = tuple(counters) if len(counters) == 4 else None
 
     @classmethod
     def learn(cls, buf: memoryview, off: int, end: int) -> _Layout | None:  # one walk, all attribute kinds
-        fmt: list[str] = []
-        checks: list[int] = []
+        header_fmt: list[str] = []
+        value_fmt: list[str] = []
         expected: list[int] = []
         fields: dict[str, list[int]] = {}
-        n = 0  # fields so far
+        n = 0  # values so far
 
         def header(at: int) -> tuple[int, int]:
-            nonlocal n
             ln, typ = _NLA.unpack_from(buf, at)
-            fmt.append("HH")
-            checks.extend((n, n + 1))
+            header_fmt.append("HH")
+            value_fmt.append("4x")
             expected.extend((ln, typ))
-            n += 2
             return ln, typ & NLA_TYPE_MASK
 
         def value(name: str, size: int, pad: int) -> None:
             nonlocal n
-            fmt.append(f"{size}s{pad}x" if pad else f"{size}s")
+            header_fmt.append(f"{size + pad}x")
+            code = cls._CODES.get(name, f"{size}s")
+            value_fmt.append(f"{code}{pad}x" if pad else code)
             fields.setdefault(name, []).append(n)
             n += 1
+
+        def skip(size: int) -> None:
+            header_fmt.append(f"{size}x")
+            value_fmt.append(f"{size}x")
 
         while off + 4 <= end:
             ln, typ = header(off)
@@ -210,32 +216,35 @@ class _Layout:
                     return None
                 value("state", 1, 3 + (nxt - inner - 12))
             elif nxt > off + 4:
-                fmt.append(f"{nxt - off - 4}x")
+                skip(nxt - off - 4)
             off = nxt
         if off != end or "1src" not in fields or "2src" not in fields:
             return None
-        return cls("".join(fmt), checks, expected, fields)
+        return cls("".join(header_fmt), "".join(value_fmt), expected, fields)
 
     def read(self, buf: memoryview, off: int, kind: CtKind) -> CtRecord | None:
-        r = self.unpack(buf, off)
-        if self.check(r) != self.expected:
+        if self.headers(buf, off) != self.expected:
             return None
-        be = int.from_bytes
+        v = self.values(buf, off)
+        a, b, c, d = self.orig
+        orig = v[a] + v[b] + v[c] + v[d]
+        a, b, c, d = self.reply
+        reply = v[a] + v[b] + v[c] + v[d]
         i_id, i_status, i_mark, i_state = self.scalars
-        orig, reply = b"".join(self.orig(r)), b"".join(self.reply(r))
-        ct_id = be(r[i_id]) if i_id >= 0 else 0
-        status = be(r[i_status]) if i_status >= 0 else 0
-        mark = be(r[i_mark]) if i_mark >= 0 else 0
         state = None
-        if i_state >= 0 and r[i_state][0] < len(_STATES):
-            state = _STATES[r[i_state][0]]
-        c = self.counters
-        if c is None:
-            return CtRecord(kind, ct_id, orig, reply, mark, status, state)
-        return CtRecord(
-            kind, ct_id, orig, reply, mark, status, state, be(r[c[0]]), be(r[c[1]]), be(r[c[2]]), be(r[c[3]])
-        )
+        if i_state >= 0 and v[i_state] < len(_STATES):
+            state = _STATES[v[i_state]]
+        ct_id = v[i_id] if i_id >= 0 else 0
+        status = v[i_status] if i_status >= 0 else 0
+        mark = v[i_mark] if i_mark >= 0 else 0
+        counters = self.counters
+        if counters is None:  # (tuple.__new__: a NamedTuple's own __new__ is Python code, ~0.4 us more)
+            return _record(CtRecord, (kind, ct_id, orig, reply, mark, status, state, None, None, None, None))
+        a, b, c, d = counters
+        return _record(CtRecord, (kind, ct_id, orig, reply, mark, status, state, v[a], v[b], v[c], v[d]))
 
+
+_record = tuple.__new__
 
 _LAYOUTS: dict[tuple[int, int, int], _Layout | None] = {}
 _MAX_LAYOUTS = 64

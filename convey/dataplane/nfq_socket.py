@@ -90,7 +90,7 @@ class NetlinkQueue:
         self.big = int(os.environ.get("CONVEY_QUEUE_PIECE_MIN", BIG)) or 1 << 31
         # Called after each drain's verdicts went out (passthrough offload: read conntrack's events in the same
         # turn of the loop, rather than in one more wakeup of their own); it must not raise.
-        self.after_drain: Callable[[], None] | None = None
+        self.after_drain: Callable[[], object] | None = None
         self.after_drain_errors = 0
         self.out = bytearray()  # verdicts not sent yet, after the last of ``pieces``
         self.pieces: list[bytes | bytearray] = []  # verdicts not sent yet: heads and big payloads, in order

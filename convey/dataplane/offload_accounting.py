@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from convey import stats as st
 from convey.balancing.pool import Pool, Server
@@ -39,6 +39,19 @@ RECENT_MAX = 65536  # closed connections whose late bytes still find their scope
 
 def _no_server(mark: int) -> str | None:
     return None
+
+
+class _Where(NamedTuple):
+    """Where a connection is counted (``OffloadAccounting._locate``)."""
+
+    pool: Pool
+    server: Server
+    server_id: str
+    scopes: tuple[st.Counters, ...]
+    frontend: str
+
+
+_UNKNOWN: Any = object()  # not located yet (a cached None means: no such server)
 
 
 @dataclass(slots=True)
@@ -66,9 +79,12 @@ class OffloadAccounting:
         self.pools = pools
         self.stats = stats
         self.on_drained = on_drained
-        self.vips: Mapping[tuple[bytes, int], str] = {}  # (VIP addr, VIP port) -> frontend
-        self.backend_of: Mapping[str, str] = {}  # frontend -> backend
-        self.server_of: Callable[[int], str | None] = _no_server  # mark -> "backend/server"
+        self._vips: Mapping[tuple[bytes, int], str] = {}  # (VIP addr, VIP port) -> frontend
+        self._backend_of: Mapping[str, str] = {}  # frontend -> backend
+        self._server_of: Callable[[int], str | None] = _no_server  # mark -> "backend/server"
+        # (mark, VIP address and port as in the tuple key) -> where a connection with them is counted; emptied
+        # whenever the maps above are replaced (a reload, a new mark plan)
+        self._where: dict[tuple[int, bytes], _Where | None] = {}
         self.opened = 0
         self.closed = 0
         self.lost = 0  # closed by a resync: gone without a DESTROY seen, last bytes unknown
@@ -76,6 +92,35 @@ class OffloadAccounting:
         self._open: dict[int, _Conn] = {}
         self._recent: dict[int, tuple[st.Counters, ...]] = {}  # closed: ct id -> scopes, oldest first
         self._per_server: dict[str, int] = {}
+
+    # the live config's maps: the plane replaces them on reload (each replacement forgets ``_where``)
+
+    @property
+    def vips(self) -> Mapping[tuple[bytes, int], str]:
+        return self._vips
+
+    @vips.setter
+    def vips(self, value: Mapping[tuple[bytes, int], str]) -> None:
+        self._vips = value
+        self._where = {}
+
+    @property
+    def backend_of(self) -> Mapping[str, str]:
+        return self._backend_of
+
+    @backend_of.setter
+    def backend_of(self, value: Mapping[str, str]) -> None:
+        self._backend_of = value
+        self._where = {}
+
+    @property
+    def server_of(self) -> Callable[[int], str | None]:
+        return self._server_of
+
+    @server_of.setter
+    def server_of(self, value: Callable[[int], str | None]) -> None:
+        self._server_of = value
+        self._where = {}
 
     def __len__(self) -> int:
         return len(self._open)
@@ -103,14 +148,30 @@ class OffloadAccounting:
     def _opened(self, change: Opened) -> None:
         if change.ct_id in self._open:
             return
-        server_id = self.server_of(change.mark)
+        key = change.orig_key
+        cached = (change.mark, key[4:8] + key[10:12])
+        where = self._where.get(cached, _UNKNOWN)
+        if where is _UNKNOWN:
+            where = self._where[cached] = self._locate(change.mark, key)
+        if where is None:
+            self.unknown_mark += 1
+            return
+        pool, server, server_id, scopes, frontend = where
+        pool.acquire(server)
+        st.opened(scopes)
+        self._open[change.ct_id] = _Conn(pool, server, server_id, scopes, key, frontend, time.monotonic())
+        self._per_server[server_id] = self._per_server.get(server_id, 0) + 1
+        self.opened += 1
+
+    def _locate(self, mark: int, key: bytes) -> _Where | None:
+        """Where a connection with ``mark`` to the VIP of ``key`` is counted: None when the mark names no
+        server we know."""
+        server_id = self.server_of(mark)
         backend, _, name = (server_id or "").partition("/")
         pool = self.pools.get(backend)
         server = pool.find(name) if pool is not None else None
         if pool is None or server is None or server_id is None:
-            self.unknown_mark += 1
-            return
-        key = change.orig_key
+            return None
         frontend = self.vips.get((key[4:8], int.from_bytes(key[10:12], "big")))
         if frontend is None:  # its frontend left the config: total, backend and server only
             scopes: tuple[st.Counters, ...] = (
@@ -120,13 +181,7 @@ class OffloadAccounting:
             )
         else:
             scopes = self.stats.scopes(frontend, backend, name)
-        pool.acquire(server)
-        st.opened(scopes)
-        self._open[change.ct_id] = _Conn(
-            pool, server, server_id, scopes, key, frontend or "", time.monotonic()
-        )
-        self._per_server[server_id] = self._per_server.get(server_id, 0) + 1
-        self.opened += 1
+        return _Where(pool, server, server_id, scopes, frontend or "")
 
     def _closed(self, change: Closed) -> None:
         conn = self._open.pop(change.ct_id, None)

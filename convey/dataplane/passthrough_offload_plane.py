@@ -99,8 +99,10 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
         await super()._start(config)
         assert self._queue is not None
         if self.monitor is not None and hasattr(self._queue, "after_drain"):
-            # conntrack's events (the closes) read in the queue's turn of the loop: one wakeup less each
+            # conntrack's events (the closes) read in the queue's turn of the loop, and by a timer when no
+            # packet comes: a close never wakes convey by itself
             self._queue.after_drain = self.monitor.on_readable
+            self.monitor.poll_instead()
         if threaded():
             self._verdicts = VerdictSender(queue_fd(self._queue), self._queue.queue_num)
 

@@ -214,3 +214,31 @@ def test_twice_30000_connections_to_one_server_through_one_source_address(bed: T
     assert counters(doc)["ingress_accepted"] >= 60_000 and doc["refused"] == 0
     assert_clean(doc)
     stop_clean(convey)
+
+
+def test_a_first_packet_dropped_after_its_verdict_is_closed_by_the_check(bed: Testbed) -> None:
+    """Convey counts a connection open when it accepts its first packet. If the kernel then drops that packet (here
+    a filter rule after the nat table), conntrack never makes an entry and never reports a close: convey's check
+    of connections it decided more than 10 s ago and never heard of finds no entry and closes it."""
+    start_servers(bed)
+    server = bed.servers[0].addr
+    drop = ["FORWARD", "-p", "tcp", "--syn", "-d", f"{server}/32", "-j", "DROP"]
+    convey = ConveyProcess(bed, offload_config(bed)).start()
+    bed.lb.run(["iptables", "-I", *drop])
+    try:
+        proc = bed.client.run(
+            ["curl", "-sS", "--max-time", "2", "-o", "/dev/null", f"http://{bed.vip}:{VIP_PORT}/"],
+            check=False,
+        )
+        assert proc.returncode != 0  # never connected
+        doc = convey.stats()
+        assert doc["current_connections"] == 1 and doc["total_connections"] == 1  # counted at the decision
+    finally:
+        bed.lb.run(["iptables", "-D", *drop])
+    doc = convey.wait_stats(lambda d: d["current_connections"] == 0, 30, "the check to close it")
+    monitor = doc["offload"]["monitor"]
+    assert monitor["checks"] >= 1 and monitor["unconfirmed"] == 1 and doc["offload"]["lost"] == 1
+    assert all(r["error"] is None for r in client(bed, "get", n=5))  # the path works again
+    doc = convey.wait_stats(lambda d: settled(d) and d["total_connections"] == 6, 10, "5 more, closed")
+    assert doc["offload"]["monitor"]["unconfirmed"] == 1
+    stop_clean(convey)
