@@ -441,14 +441,16 @@ class Monitor:
             return
         # ctnetlink answers a GET inside the send: the answers wait in the socket already. Reading them now
         # saves the loop a wakeup per close (the reader stays registered for anything left).
-        self.on_answers()
+        self.on_answers(len(keys))
 
-    def on_answers(self) -> None:
-        """The answers to the GETs sent at closes: counters, folded in as partial byte counts."""
+    def on_answers(self, expected: int = BATCH) -> None:
+        """The answers to the GETs sent at closes: counters, folded in as partial byte counts. ``expected``: how
+        many are waiting (one per GET, the entry or an error), so that no read ends in EAGAIN (an exception
+        costs more than the read)."""
         if self._query is None:
             return
         changes: list[Change] = []
-        for _ in range(BATCH):
+        for _ in range(min(expected, BATCH)):
             try:
                 data = self._query.recv(RECV_SIZE)
             except (BlockingIOError, InterruptedError):
