@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from convey.dataplane.conntrack_records import (
     MarkFilter,
     Opened,
 )
+from convey.dataplane.decided_ledger import DecidedLedger
 from testbed.bed import Testbed
 from testbed.httpd_proc import HttpServer, start_httpd
 from testbed.process import wait_until
@@ -250,3 +252,50 @@ def test_entries_written_for_dsr(bed: Testbed) -> None:
 def test_kernel_check_passes_here(bed: Testbed) -> None:
     assert conntrack.probe(netns=bed.lb.ns) is None
     assert missing(ctnetlink=lambda: conntrack.probe(netns=bed.lb.ns)) == []
+
+
+def test_opens_from_decisions_overflow_resync_and_closes(
+    bed: Testbed, web: HttpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Passthrough offload's monitor (``DecidedLedger``, no NEW events, TIME_WAIT DESTROYs dropped by the
+    kernel): a connection opened by a decision closes by its UPDATE, with its bytes from the GET; after an
+    overflow the dump keeps it open and adopts nothing else that is open; connections nobody decided are
+    ignored; each open closes exactly once."""
+    caplog.set_level(logging.INFO, logger="convey.conntrack")
+    got = Collector()
+    ledger = DecidedLedger(ours=OURS)
+    mon = conntrack.Monitor(ledger, got, netns=bed.lb.ns, rcvbuf=4096, opens_from_decisions=True)
+    mon.start(loop=None)
+    held = bed.client.connect(bed.vip, VPORT)
+    try:
+        addr, port = held.getsockname()[:2]
+        key = FlowTuple(addr, bed.vip, port, VPORT).key
+        got(ledger.decided(key, MARK, time.monotonic()))  # what the plane does at the verdict
+        script = (
+            "import socket\n"
+            "for _ in range(300):\n"
+            f"    s = socket.create_connection(({bed.vip!r}, {VPORT}), timeout=10)\n"
+            "    s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); s.recv(4096); s.close()\n"
+        )
+        bed.client.python(["-c", script], timeout=120)  # nobody reads the events meanwhile
+        settle(mon, got, lambda: mon.resyncs >= 2, "a resync after the overflow")
+        assert mon.source is not None and mon.source.overflows >= 1
+        assert re.search(r"event=conntrack_resync reason=overflow entries=\d+", caplog.text)
+        assert list(ledger.open) == [key]  # the decided one; the 300 closed ones were never ours to count
+        held.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        while held.recv(65536):
+            pass
+    finally:
+        held.close()
+    try:
+        settle(
+            mon, got, lambda: not ledger.open and got.of(Accounted), "the decided connection closed, bytes"
+        )
+        counters = mon.counters()
+    finally:
+        mon.stop()
+    opens = [c.ct_id for c in got.of(Opened)]
+    closes = [c.ct_id for c in got.of(Closed)]
+    assert len(opens) == 1 and closes == opens
+    assert sum(c.rx for c in got.of(Accounted) if isinstance(c, Accounted)) > 0  # the reply's payload
+    assert counters["fetches"] >= 1 and counters["unconfirmed"] == 0
