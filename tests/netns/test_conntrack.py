@@ -198,6 +198,17 @@ def test_dump_lists_our_live_entries(bed: Testbed, web: HttpServer) -> None:
     assert len(everything) >= len(mine)
 
 
+def short_connections(bed: Testbed, count: int) -> None:
+    """``count`` short HTTP connections from the client to the VIP, one after another."""
+    script = (
+        "import socket\n"
+        f"for _ in range({count}):\n"
+        f"    s = socket.create_connection(({bed.vip!r}, {VPORT}), timeout=10)\n"
+        "    s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); s.recv(4096); s.close()\n"
+    )
+    bed.client.python(["-c", script], timeout=120)
+
+
 def test_overflow_is_detected_and_resynced(
     bed: Testbed, web: HttpServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -205,13 +216,7 @@ def test_overflow_is_detected_and_resynced(
     mon, got = monitor(bed, rcvbuf=4096)  # the kernel's minimum: a handful of events
     held = bed.client.connect(bed.vip, VPORT)  # stays open across the overflow
     try:
-        script = (
-            "import socket\n"
-            "for _ in range(300):\n"
-            f"    s = socket.create_connection(({bed.vip!r}, {VPORT}), timeout=10)\n"
-            "    s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); s.recv(4096); s.close()\n"
-        )
-        bed.client.python(["-c", script], timeout=120)  # nobody reads the events meanwhile
+        short_connections(bed, 300)  # nobody reads the events meanwhile
         settle(mon, got, lambda: mon.resyncs >= 2, "a resync after the overflow")
         assert mon.source is not None and mon.source.overflows >= 1
         assert re.search(r"event=conntrack_resync reason=overflow entries=\d+", caplog.text)
@@ -271,13 +276,7 @@ def test_opens_from_decisions_overflow_resync_and_closes(
         addr, port = held.getsockname()[:2]
         key = FlowTuple(addr, bed.vip, port, VPORT).key
         got(ledger.decided(key, MARK, time.monotonic()))  # what the plane does at the verdict
-        script = (
-            "import socket\n"
-            "for _ in range(300):\n"
-            f"    s = socket.create_connection(({bed.vip!r}, {VPORT}), timeout=10)\n"
-            "    s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); s.recv(4096); s.close()\n"
-        )
-        bed.client.python(["-c", script], timeout=120)  # nobody reads the events meanwhile
+        short_connections(bed, 300)  # nobody reads the events meanwhile
         settle(mon, got, lambda: mon.resyncs >= 2, "a resync after the overflow")
         assert mon.source is not None and mon.source.overflows >= 1
         assert re.search(r"event=conntrack_resync reason=overflow entries=\d+", caplog.text)
