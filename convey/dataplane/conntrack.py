@@ -463,7 +463,15 @@ class Monitor:
                 elif isinstance(item, wire.NlError) and item.errno:
                     key = self._checks.pop(item.seq, None)
                     if key is not None and isinstance(self.ledger, DecidedLedger):
-                        changes.extend(self.ledger.missing(key))
+                        gone = self.ledger.missing(key)
+                        if gone:
+                            changes.extend(gone)
+                            log.info(
+                                "event=offload_unconfirmed flow=%s note=%r",
+                                FlowTuple.from_key(key),
+                                "accepted, but conntrack never held an entry: dropped after the verdict? "
+                                "counted closed",
+                            )
                     else:
                         self.fetch_misses += 1
         if changes:

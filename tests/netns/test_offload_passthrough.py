@@ -238,6 +238,7 @@ def test_a_first_packet_dropped_after_its_verdict_is_closed_by_the_check(bed: Te
     doc = convey.wait_stats(lambda d: d["current_connections"] == 0, 30, "the check to close it")
     monitor = doc["offload"]["monitor"]
     assert monitor["checks"] >= 1 and monitor["unconfirmed"] == 1 and doc["offload"]["lost"] == 1
+    assert "event=offload_unconfirmed" in convey.log()  # the operator hears of it
     assert all(r["error"] is None for r in client(bed, "get", n=5))  # the path works again
     doc = convey.wait_stats(lambda d: settled(d) and d["total_connections"] == 6, 10, "5 more, closed")
     assert doc["offload"]["monitor"]["unconfirmed"] == 1
