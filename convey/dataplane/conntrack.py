@@ -68,6 +68,7 @@ POLL_INTERVAL = 0.02  # seconds between two reads of a polled event socket (Moni
 POLL_BATCHES = 16  # reads of up to BATCH datagrams each per poll: ~250k events/s before the socket fills
 CHECK_EVERY = 5.0  # seconds between two looks for decided connections conntrack never named (DecidedLedger)
 CHECKS_MAX = 65536  # GETs of such checks awaiting an answer (oldest forgotten first)
+CHECKS_PER_ROUND = 1024  # at most this many GETs per look (one send); the others wait for the next look
 
 
 class ConntrackError(ConveyError):
@@ -124,7 +125,7 @@ def _attach_filter(sock: socket.socket, program: bytes) -> None:
 
 class EventSource:
     """NEW, closing UPDATE and DESTROY events of our entries, read without blocking. Without ``new_events`` no
-    NEW, and no DESTROY of an entry in an ``update_states`` state (its close came as an UPDATE)."""
+    NEW, and no DESTROY of an entry in TIME_WAIT (its close came as an UPDATE)."""
 
     def __init__(
         self,
@@ -408,7 +409,7 @@ class Monitor:
         if now < self._next_check or self._query is None or not isinstance(self.ledger, DecidedLedger):
             return
         self._next_check = now + CHECK_EVERY
-        keys = self.ledger.unconfirmed(now)
+        keys = self.ledger.unconfirmed(now, limit=CHECKS_PER_ROUND)
         if not keys:
             return
         messages, seq = [], self._seq

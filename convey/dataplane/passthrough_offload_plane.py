@@ -17,7 +17,7 @@ kernel picks the port); conntrack rewrites every later packet both ways without 
   dump after an ENOBUFS overflow, and closes a decided connection conntrack never held (a check after
   ``CHECK_AFTER`` seconds finds no entry: the packet was dropped after its verdict). ``OffloadAccounting``
   turns those changes into pools and stats scopes; the /stats "offload" section shows it. No NEW event is
-  needed: that halves convey's work per connection (bench/README.md).
+  needed (bench/README.md: what that saves).
 - At start, a kernel without conntrack, NAT, connmark or ctnetlink makes convey refuse to start with what is
   missing and how to get it (``rules.offload_kernel.require_kernel``, over ``conntrack_check``).
 """

@@ -116,6 +116,9 @@ def test_unconfirmed_connections_are_checked_and_closed_when_conntrack_has_no_en
     assert led.unconfirmed(CHECK_AFTER - 1) == []
     assert led.unconfirmed(CHECK_AFTER) == [key(4)]  # 5 is named, 6 is too young
     assert led.unconfirmed(CHECK_AFTER + 1) == []  # asked already
+    led.decided(key(9), 0x100, 0.0)
+    led.decided(key(10), 0x100, 0.0)
+    assert len(led.unconfirmed(CHECK_AFTER + 100, limit=1)) == 1  # one per look: the other waits
     got = led.missing(key(4))
     assert kinds(got) == ["Closed"] and got[0].lost and led.unconfirmed_closed == 1
     assert led.missing(key(5)) == []  # conntrack named it: a missing answer means it closed, events say so
