@@ -36,6 +36,7 @@ __all__ = [
     "Opened",
     "ResyncReport",
     "TcpState",
+    "accounted",
     "payload_bytes",
 ]
 
@@ -322,14 +323,21 @@ class Ledger:
         return changes, report
 
     def _delta(self, rec: CtRecord, final: bool) -> Accounted | None:
-        tx = payload_bytes(rec.packets_orig or 0, rec.bytes_orig or 0, self.sizes)
-        rx = payload_bytes(rec.packets_reply or 0, rec.bytes_reply or 0, self.sizes)
-        old_tx, old_rx = (
-            self.reported.pop(rec.ct_id, (0, 0)) if final else self.reported.get(rec.ct_id, (0, 0))
-        )
-        d_tx, d_rx = max(0, tx - old_tx), max(0, rx - old_rx)
-        if not final:
-            self.reported[rec.ct_id] = (max(tx, old_tx), max(rx, old_rx))
-        if d_tx == 0 and d_rx == 0:
-            return None
-        return Accounted(rec.ct_id, rec.mark, rec.orig_key, d_tx, d_rx)
+        return accounted(self.reported, rec.ct_id, rec, self.sizes, final)
+
+
+def accounted(
+    reported: dict[int, tuple[int, int]], ident: int, rec: CtRecord, sizes: HeaderSizes, final: bool
+) -> Accounted | None:
+    """The payload bytes ``rec``'s counters add to what ``reported[ident]`` says was reported already (each way,
+    never negative), as an ``Accounted`` named ``ident``; None when nothing is new. ``final``: the connection's
+    last counters (``reported`` forgets it), else ``reported`` remembers them."""
+    tx = payload_bytes(rec.packets_orig or 0, rec.bytes_orig or 0, sizes)
+    rx = payload_bytes(rec.packets_reply or 0, rec.bytes_reply or 0, sizes)
+    old_tx, old_rx = reported.pop(ident, (0, 0)) if final else reported.get(ident, (0, 0))
+    d_tx, d_rx = max(0, tx - old_tx), max(0, rx - old_rx)
+    if not final:
+        reported[ident] = (max(tx, old_tx), max(rx, old_rx))
+    if d_tx == 0 and d_rx == 0:
+        return None
+    return Accounted(ident, rec.mark, rec.orig_key, d_tx, d_rx)

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 
 from convey.dataplane.conntrack_records import (
     CLOSED_STATES,
-    Accounted,
     Change,
     Closed,
     CtKind,
@@ -41,7 +40,7 @@ from convey.dataplane.conntrack_records import (
     Opened,
     ResyncReport,
     TcpState,
-    payload_bytes,
+    accounted,
 )
 
 __all__ = ["CHECK_AFTER", "DecidedLedger"]
@@ -144,16 +143,8 @@ class DecidedLedger:
         return not (rec.tcp_state is TcpState.CLOSE and rec.orig_key in self.reset)
 
     def _delta(self, uid: int, rec: CtRecord, final: bool) -> list[Change]:
-        sizes = self.sizes
-        tx = payload_bytes(rec.packets_orig or 0, rec.bytes_orig or 0, sizes)
-        rx = payload_bytes(rec.packets_reply or 0, rec.bytes_reply or 0, sizes)
-        old_tx, old_rx = self.reported.pop(uid, (0, 0)) if final else self.reported.get(uid, (0, 0))
-        d_tx, d_rx = max(0, tx - old_tx), max(0, rx - old_rx)
-        if not final:
-            self.reported[uid] = (max(tx, old_tx), max(rx, old_rx))
-        if d_tx == 0 and d_rx == 0:
-            return []
-        return [Accounted(uid, rec.mark, rec.orig_key, d_tx, d_rx)]
+        found = accounted(self.reported, uid, rec, self.sizes, final)
+        return [found] if found is not None else []
 
     # -- checks of connections conntrack never named ----------------------------------------------------------
 
