@@ -125,7 +125,8 @@ def _attach_filter(sock: socket.socket, program: bytes) -> None:
 
 class EventSource:
     """NEW, closing UPDATE and DESTROY events of our entries, read without blocking. Without ``new_events`` no
-    NEW, and no DESTROY of an entry in TIME_WAIT (its close came as an UPDATE)."""
+    NEW, and no DESTROY of an entry in TIME_WAIT (its close came as an UPDATE). ``closed_mark``: an UPDATE whose
+    mark has all those bits is a closing one too (passthrough offload's close bits)."""
 
     def __init__(
         self,
@@ -135,6 +136,7 @@ class EventSource:
         rcvbuf: int = EVENT_RCVBUF,
         kernel_filter: bool = True,
         new_events: bool = True,
+        closed_mark: int = 0,
     ) -> None:
         groups = 1 << (wire.GROUP_UPDATE - 1) | 1 << (wire.GROUP_DESTROY - 1)
         if new_events:
@@ -146,7 +148,7 @@ class EventSource:
             # an UPDATE, the bytes with the GET then); one in CLOSE may be the only word of a connection whose
             # SYN was answered with a RST (conntrack kills that entry at once, before any UPDATE)
             destroy_unless = None if new_events else (TcpState.TIME_WAIT,)
-            _attach_filter(self.sock, event_filter(ours, update_states, destroy_unless))
+            _attach_filter(self.sock, event_filter(ours, update_states, destroy_unless, closed_mark))
         self.datagrams = 0
         self.overflows = 0
         self._fd: int | None = None
@@ -321,6 +323,7 @@ class Monitor:
             self.netns,
             self.rcvbuf,
             new_events=not self.opens_from_decisions,
+            closed_mark=self.ledger.closed_mark if isinstance(self.ledger, DecidedLedger) else 0,
         )
         if self.fetch_on_close or self.opens_from_decisions:
             self._query = open_socket(0, self.netns, 4 * 1024 * 1024)

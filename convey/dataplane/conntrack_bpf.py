@@ -7,6 +7,9 @@ the one UPDATE that says the connection closed, for its own entries only. The fi
 
 - NEW and DESTROY events whose connmark passes ``MarkFilter``;
 - UPDATE events that carry a TCP state in ``states`` (and pass the mark test); ``states=None`` keeps them all;
+- with ``closed_mark``: also the UPDATE events whose CTA_MARK has all of those bits (passthrough offload's close
+  bits, ORed into the connmark at FIN and RST; its entries report only mark changes and their DESTROY, so the
+  first FIN's event is dropped here and the second's, or a RST's, is the close);
 - with ``destroy_unless``: only the DESTROY events whose TCP state is not in it (passthrough offload learns a
   connection's close from its UPDATE and its counters from a GET then: the DESTROY of a TIME_WAIT entry, 120 s
   later, says nothing new; one that died in another state, a timeout or a reset, still comes).
@@ -101,7 +104,10 @@ def _load_tcp_state(a: _Asm, absent: str) -> None:
 
 
 def event_filter(
-    ours: MarkFilter, states: Iterable[int] | None, destroy_unless: Iterable[int] | None = None
+    ours: MarkFilter,
+    states: Iterable[int] | None,
+    destroy_unless: Iterable[int] | None = None,
+    closed_mark: int = 0,
 ) -> bytes:
     """The program (an array of ``struct sock_filter``) for SO_ATTACH_FILTER on a ctnetlink event socket."""
     a = _Asm()
@@ -113,6 +119,16 @@ def event_filter(
     if states is None:
         a.op(JMP | JA, jt="mark")
     else:
+        if closed_mark:  # an UPDATE whose mark has every close bit: a close, whatever its TCP state
+            a.op(LD | IMM, ATTRS)
+            a.op(LDX | IMM, CTA_MARK)
+            a.op(LD | W | ABS, _ancillary(SKF_AD_NLATTR))
+            a.op(JMP | JEQ | K, 0, jt="state")
+            a.op(MISC | TAX)
+            a.op(LD | W | IND, 4)
+            a.op(ALU | AND | K, closed_mark)
+            a.op(JMP | JEQ | K, closed_mark, jt="mark")
+            a.label("state")
         _load_tcp_state(a, absent="drop")
         for state in sorted(set(states)):
             a.op(JMP | JEQ | K, state, jt="mark")

@@ -62,7 +62,12 @@ _TARGETS = (
         "CONFIG_NETFILTER_XT_TARGET_MASQUERADE",
         "passthrough: the route's source address",
     ),
-    ("CT", "xt_CT", "CONFIG_NETFILTER_XT_TARGET_CT", "DSR: keep SYNs out of conntrack"),
+    (
+        "CT",
+        "xt_CT",
+        "CONFIG_NETFILTER_XT_TARGET_CT",
+        "passthrough: events of a close only; DSR: keep SYNs out of conntrack",
+    ),
 )
 # sysctl file under /proc/sys/net/netfilter, module, kernel option, why
 _SYSCTLS = (

@@ -10,8 +10,10 @@ CPU per connection went from ~184 to ~137 us (bench/README.md).
 - ``decided(key, mark, now)``: an ``Opened`` for a tuple not open yet (a retransmitted SYN decided twice opens
   once). Each connection gets a serial number, ``uid``: the ``ct_id`` of the changes it yields, so the
   accounting never mixes two connections that reused a tuple.
-- ``apply(record)``: an UPDATE in a closed state (TIME_WAIT, CLOSE) or a DESTROY closes the connection open on
-  its tuple (``Closed``); the monitor then asks for the entry's counters (a GET), whose answer gives the bytes
+- ``apply(record)``: an UPDATE whose mark has every ``closed_mark`` bit (the close bits the rules OR in at the
+  FINs of both ways or a RST: an entry made at a SYN reports nothing else but its DESTROY), an UPDATE in a
+  closed state (TIME_WAIT, CLOSE: entries picked up mid-stream report every state), or a DESTROY closes the
+  connection open on its tuple (``Closed``); the monitor then asks for the entry's counters (a GET), whose answer gives the bytes
   (``Accounted``, final). Any record of an open connection teaches its conntrack id; one with counters (a
   check's answer, a dump line) reports the bytes so far.
 - ``unconfirmed(now)``: connections decided long ago whose entry conntrack never named: the monitor asks for
@@ -66,6 +68,7 @@ class DecidedLedger:
     ours: MarkFilter = field(default_factory=MarkFilter)
     sizes: HeaderSizes = field(default_factory=HeaderSizes)
     closed_states: frozenset[TcpState] = CLOSED_STATES
+    closed_mark: int = 0  # the close bits (rules.offload.CLOSE_BITS); 0: closes by TCP state only
     clock: Callable[[], float] = time.monotonic
     open: dict[bytes, _Decided] = field(default_factory=dict)
     # closed connections whose counters were asked for: conntrack id -> uid (oldest first, bounded)
@@ -97,7 +100,7 @@ class DecidedLedger:
         key = rec.orig_key
         conn = self.open.get(key)
         destroy = rec.kind is CtKind.DESTROY
-        closing = destroy or rec.tcp_state in self.closed_states
+        closing = destroy or self._closed(rec)
         if conn is not None and not self._same_entry(conn, rec, destroy):
             conn = None
         if destroy:
@@ -124,6 +127,11 @@ class DecidedLedger:
             if len(self.reset) > self.fetching_max:
                 del self.reset[next(iter(self.reset))]
         return changes
+
+    def _closed(self, rec: CtRecord) -> bool:
+        """Whether the entry of ``rec`` says its connection is over (not counting a DESTROY)."""
+        bits = self.closed_mark
+        return rec.tcp_state in self.closed_states or (bits != 0 and rec.mark & bits == bits)
 
     def _same_entry(self, conn: _Decided, rec: CtRecord, destroy: bool) -> bool:
         """Whether ``rec`` is about the entry of ``conn`` rather than an earlier one on the same tuple.
@@ -187,7 +195,7 @@ class DecidedLedger:
                 continue
             report.entries += 1
             key = rec.orig_key
-            closing = rec.tcp_state in self.closed_states
+            closing = self._closed(rec)
             if not closing:
                 seen.add(key)
             conn = self.open.get(key)

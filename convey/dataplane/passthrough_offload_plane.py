@@ -12,9 +12,9 @@ kernel picks the port); conntrack rewrites every later packet both ways without 
   still holds connections to it (``keep``), and loses them when its last one closes.
 - Counters: a connection opens when the decision accepts its first packet (``DecidedLedger.decided``: total
   and current connections, ``Pool.acquire`` for least_conn, at once); ``conntrack.Monitor`` with
-  ``opens_from_decisions`` says when it closed (the UPDATE to TIME_WAIT or CLOSE, or a DESTROY) and its bytes
-  (a GET at the close), adopts connections alive before a restart from a dump at start, resynchronises from a
-  dump after an ENOBUFS overflow, and closes a decided connection conntrack never held (a check after
+  ``opens_from_decisions`` says when it closed (the connmark event with both close bits, an UPDATE to
+  TIME_WAIT or CLOSE, or a DESTROY) and its bytes (a GET at the close), adopts connections alive before a
+  restart from a dump at start, resynchronises from a dump after an ENOBUFS overflow, and closes a decided connection conntrack never held (a check after
   ``CHECK_AFTER`` seconds finds no entry: the packet was dropped after its verdict). ``OffloadAccounting``
   turns those changes into pools and stats scopes; the /stats "offload" section shows it. No NEW event is
   needed (bench/README.md: what that saves).
@@ -42,7 +42,7 @@ from convey.dataplane.decided_ledger import DecidedLedger
 from convey.dataplane.nfqueue import Batch
 from convey.dataplane.offload_accounting import OffloadAccounting
 from convey.dataplane.plane import PacketPlane
-from convey.dataplane.rules.offload import WORKER_FIELD, OffloadPlan, offload_plan, worker_bits
+from convey.dataplane.rules.offload import CLOSE_BITS, WORKER_FIELD, OffloadPlan, offload_plan, worker_bits
 from convey.dataplane.rules.offload_kernel import require_kernel
 from convey.dataplane.verdict_sender import (
     VerdictSender,
@@ -124,7 +124,7 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
             if self.worker_bits
             else MarkFilter(mask=self.plan.mask)
         )
-        ledger = DecidedLedger(ours=ours)
+        ledger = DecidedLedger(ours=ours, closed_mark=CLOSE_BITS)
         self.monitor = conntrack.Monitor(ledger, self.offload.apply, opens_from_decisions=True)
         try:
             self.monitor.start(asyncio.get_running_loop())  # dumps first: live connections are adopted

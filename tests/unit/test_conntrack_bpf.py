@@ -125,6 +125,22 @@ def test_destroys_of_closed_entries_dropped_on_request() -> None:
     assert run(bpf.event_filter(MarkFilter(0xFF00), CLOSED_STATES), with_state(DESTROY_DOWNLOAD, 7))
 
 
+def test_an_update_with_every_close_bit_is_kept_whatever_its_state() -> None:
+    """Passthrough offload's close bits (ORed into the connmark at each FIN and a RST): the second FIN's or the
+    RST's event passes; the first FIN's, another mark's, or one without the bits asked for does not."""
+    ours = MarkFilter(0xFFFFFF)
+    program = bpf.event_filter(ours, CLOSED_STATES, [TcpState.TIME_WAIT], closed_mark=0xC00000)
+    assert run(program, with_mark(UPDATE_SYN_RECV, 0xC00100))
+    assert not run(program, with_mark(UPDATE_SYN_RECV, 0x400100))  # half a close
+    assert not run(program, with_mark(UPDATE_SYN_RECV, 0x100))
+    assert not run(program, with_mark(UPDATE_SYN_RECV, None))
+    assert run(program, with_mark(UPDATE_TIME_WAIT, 0x100))  # by state still (an entry picked up mid-stream)
+    exact = bpf.event_filter(MarkFilter(0xFF000000, 0x2000000), CLOSED_STATES, closed_mark=0xC00000)
+    assert run(exact, with_mark(UPDATE_SYN_RECV, 0x2C00100))
+    assert not run(exact, with_mark(UPDATE_SYN_RECV, 0x1C00100))  # another worker's
+    assert not run(bpf.event_filter(ours, CLOSED_STATES), with_mark(UPDATE_SYN_RECV, 0xC00100))
+
+
 def test_all_updates_when_no_states_are_given() -> None:
     program = bpf.event_filter(MarkFilter(0xFF00), None)
     assert run(program, UPDATE_SYN_RECV) and run(program, UPDATE_TIME_WAIT)

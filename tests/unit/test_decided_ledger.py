@@ -19,6 +19,7 @@ from convey.dataplane.conntrack_records import (
     payload_bytes,
 )
 from convey.dataplane.decided_ledger import CHECK_AFTER, DecidedLedger
+from convey.dataplane.rules.offload import CLOSE_BITS, CLOSE_ORIG, CLOSE_REPLY
 
 OURS = MarkFilter(mask=0xFF00)
 SIZES = HeaderSizes()
@@ -105,6 +106,39 @@ def test_a_syn_answered_with_a_reset_closes_by_its_destroy_and_a_reset_tuple_reo
         led.apply(rec(CtKind.DESTROY, 8, TcpState.CLOSE, counters=counters_for(5, 5))) != []
     )  # second's bytes
     assert key(8) in led.open and led.open[key(8)].uid == third  # the reopened connection stays open
+
+
+def test_the_close_bits_close_a_connection_in_any_state_and_a_later_time_wait_says_nothing() -> None:
+    """An entry made at a SYN reports only its mark changes (the close bits ORed in at each FIN and at a RST)
+    and its DESTROY: both bits are the close, one is half a close."""
+    led = DecidedLedger(ours=OURS, closed_mark=CLOSE_BITS, clock=lambda: 100.0)
+    uid = led.decided(key(12), 0x100, 1.0)[0].ct_id
+    assert led.apply(rec(CtKind.UPDATE, 12, TcpState.FIN_WAIT, mark=0x100 | CLOSE_ORIG)) == []
+    assert key(12) in led.open  # the server may still send
+    closed = led.apply(rec(CtKind.UPDATE, 12, TcpState.LAST_ACK, mark=0x100 | CLOSE_BITS))
+    assert closed == [Closed(uid, 0x100, key(12))] and key(12) not in led.open
+    answer = rec(CtKind.UPDATE, 12, TcpState.LAST_ACK, mark=0x100 | CLOSE_BITS, counters=counters_for(10, 20))
+    assert led.apply(answer) == [Accounted(uid, 0x100 | CLOSE_BITS, key(12), 10, 20)]
+    # an entry picked up mid-stream reports every state: its TIME_WAIT after the bits closes nothing again
+    assert led.apply(rec(CtKind.UPDATE, 12, TcpState.TIME_WAIT, mark=0x100 | CLOSE_BITS)) == []
+    # a RST sets both bits (a state of CLOSE: its entry lives on until its DESTROY, as before)
+    reset = led.decided(key(13), 0x100, 2.0)[0].ct_id
+    got = led.apply(rec(CtKind.UPDATE, 13, TcpState.CLOSE, mark=0x100 | CLOSE_BITS))
+    assert got == [Closed(reset, 0x100, key(13))] and key(13) in led.reset
+    # the reply FIN alone is half a close too; without closed_mark the bits mean nothing
+    led.decided(key(14), 0x100, 3.0)
+    assert led.apply(rec(CtKind.UPDATE, 14, TcpState.CLOSE_WAIT, mark=0x100 | CLOSE_REPLY)) == []
+    plain = ledger()
+    plain.decided(key(14), 0x100, 3.0)
+    assert plain.apply(rec(CtKind.UPDATE, 14, TcpState.LAST_ACK, mark=0x100 | CLOSE_BITS)) == []
+    # a dump after a restart: an entry with both bits is closed, never adopted
+    changes, report = led.resync(
+        [
+            rec(CtKind.DUMP, 14, TcpState.LAST_ACK, mark=0x100 | CLOSE_BITS, counters=counters_for(1, 2)),
+            rec(CtKind.DUMP, 15, TcpState.LAST_ACK, mark=0x100 | CLOSE_BITS),
+        ]
+    )
+    assert kinds(changes) == ["Closed", "Accounted"] and report.opened == 0 and not led.open
 
 
 def test_unconfirmed_connections_are_checked_and_closed_when_conntrack_has_no_entry() -> None:

@@ -4,10 +4,12 @@ With offload only a connection's first packet reaches convey; its verdict sets a
 passthrough, the balancer source address); the kernel keeps that mark in the connection's conntrack entry
 (connmark) and conntrack carries every later packet. Measured and explained in iptables/README.md:
 
-- **passthrough**: ``mangle`` drops INVALID packets both ways and queues packets of NEW entries without a
-  connmark (``--queue-bypass``); ``nat PREROUTING`` saves the mark into the connmark and DNATs by the server
-  field; ``nat POSTROUTING`` SNATs by the source field (``port_range``), or MASQUERADEs into ``port_range`` when
-  ``source_addrs`` is empty (the route's source address, as the per-packet mode). Never ``--random-fully``.
+- **passthrough**: ``raw`` gives a SYN's new entry the events ``mark,destroy`` only; ``mangle`` drops INVALID
+  packets both ways, queues packets of NEW entries without a connmark (``--queue-bypass``) and ORs the close
+  bits into the connmark at FIN and RST; ``nat PREROUTING`` saves the mark into the connmark and DNATs by the
+  server field; ``nat POSTROUTING`` SNATs by the source field (``port_range``), or MASQUERADEs into
+  ``port_range`` when ``source_addrs`` is empty (the route's source address, as the per-packet mode). Never
+  ``--random-fully``.
 - **DSR**: ``raw`` notracks the SYN only (convey creates the entry over ctnetlink); ``mangle`` restores the
   connmark into the fwmark and queues what is still unmarked (no bypass); ``nat`` saves the mark of a pickup and,
   ``rewrite = "ip"``, DNATs by mark. ``rewrite = "mac"`` routes by the fwmark with the per-packet policy routing.
@@ -55,15 +57,27 @@ HOOKS: dict[ChainKey, str] = {
 """Every chain convey may own, with the built-in chain that jumps to it (install and remove walk them all)."""
 
 OFFLOAD_CHAINS: dict[Mode, tuple[ChainKey, ...]] = {
-    Mode.PASSTHROUGH: (("mangle", PREROUTING_CHAIN), ("nat", PREROUTING_CHAIN), ("nat", POSTROUTING_CHAIN)),
+    Mode.PASSTHROUGH: (
+        ("raw", PREROUTING_CHAIN),
+        ("mangle", PREROUTING_CHAIN),
+        ("nat", PREROUTING_CHAIN),
+        ("nat", POSTROUTING_CHAIN),
+    ),
     Mode.DSR: (("raw", PREROUTING_CHAIN), ("mangle", PREROUTING_CHAIN), ("nat", PREROUTING_CHAIN)),
 }
 
-# passthrough marks: the server in bits 8-23, the source address in bits 0-7 (N + M nat rules, not N * M)
+# passthrough marks: the server in bits 8-21, the source address in bits 0-7 (N + M nat rules, not N * M)
 PASSTHROUGH_MASK = 0xFFFFFF
 SERVER_SHIFT = 8
-SERVER_FIELD = 0xFFFF00
+SERVER_FIELD = 0x3FFF00
 SOURCE_FIELD = 0xFF
+# passthrough close bits (22-23): mangle ORs CLOSE_ORIG into the connmark at the client's FIN, CLOSE_REPLY at
+# the server's, both at a RST. The connection's entry reports only those mark changes and its DESTROY (raw's
+# ``CT --ctevents mark,destroy`` at the SYN), so "both bits set" is the one event that says it closed, instead
+# of an UPDATE per TCP state (about five per connection), each built by the kernel and read by convey
+CLOSE_ORIG = 0x400000
+CLOSE_REPLY = 0x800000
+CLOSE_BITS = CLOSE_ORIG | CLOSE_REPLY
 # with N > 1 worker processes, bits 24-31 name the worker (index + 1) that decided the connection: its conntrack
 # events go to it alone (conntrack_bpf's filter), and the mask grows to the whole mark
 WORKER_SHIFT = 24
@@ -139,7 +153,7 @@ def offload_plan(
 
     A server keeps its mark from ``previous``; a server of ``previous`` that left the config keeps (and
     reserves) its mark while it is in ``keep``; new servers take the lowest free marks. Passthrough: server
-    slots 1.. in bits 8-23, source index + 1 in bits 0-7. DSR ``ip``: ``dsr.fwmark_base + slot``. DSR ``mac``:
+    slots 1.. in bits 8-21, source index + 1 in bits 0-7. DSR ``ip``: ``dsr.fwmark_base + slot``. DSR ``mac``:
     the policy routing's marks, one per server address (:func:`~.ruleset.mark_plan`), kept stable the same way.
     """
     mode = packet_mode(mode)
@@ -261,6 +275,8 @@ def passthrough_chains(config: Config, plan: OffloadPlan) -> dict[ChainKey, list
     mask, chain, post = plan.mask, PREROUTING_CHAIN, POSTROUTING_CHAIN
     fronts = _frontends(config, Mode.PASSTHROUGH)
     base, count = _queue_num(config, Mode.PASSTHROUGH), workers_for(config, Mode.PASSTHROUGH)
+    syn = "--tcp-flags FIN,SYN,RST,ACK SYN"
+    raw = [f"-A {chain} {m} {syn} {_comment(c)} -j CT --ctevents destroy,mark" for m, c in fronts]
     mangle = [f"-A {chain} {m} -m conntrack --ctstate INVALID {_comment(c)} -j DROP" for m, c in fronts]
     mangle += [
         f"-A {chain} {m} -m conntrack --ctstate INVALID {_comment(c)} -j DROP"
@@ -273,6 +289,7 @@ def passthrough_chains(config: Config, plan: OffloadPlan) -> dict[ChainKey, list
                 f"-A {chain} {m}{' ' + steer if steer else ''} -m conntrack --ctstate NEW -m connmark --mark "
                 f"{_mask(0, mask)} {_comment(c)} -j NFQUEUE --queue-num {base + i} --queue-bypass"
             )
+    mangle += _close_rules(chain)
     nat_pre = [_save_mark(chain, mask), *_dnat_rules(config, plan, chain)]
     lo, hi = config.passthrough.port_range
     if plan.sources:
@@ -286,7 +303,23 @@ def passthrough_chains(config: Config, plan: OffloadPlan) -> dict[ChainKey, list
             f"-A {post} -p tcp -m mark ! --mark {_mask(0, plan.server_mask)} "
             f"{_comment('convey route source')} -j MASQUERADE --to-ports {lo}-{hi}"
         ]
-    return {("mangle", chain): mangle, ("nat", chain): nat_pre, ("nat", post): nat_post}
+    return {("raw", chain): raw, ("mangle", chain): mangle, ("nat", chain): nat_pre, ("nat", post): nat_post}
+
+
+def _close_rules(chain: str) -> list[str]:
+    """Passthrough: the close bits ORed into the connmark of our entries (a server field set) at a FIN, by
+    direction, and at a RST (both). After the INVALID drops: a RST or FIN out of the window never sets them."""
+    ours = f"-m connmark ! --mark {_mask(0, SERVER_FIELD)}"
+    flags = "-p tcp -m tcp --tcp-flags"
+    return [
+        f"-A {chain} {flags} RST RST {ours} {_comment('convey close: reset')} "
+        f"-j CONNMARK --set-xmark {CLOSE_BITS:#x}/{CLOSE_BITS:#x}",
+        *(
+            f"-A {chain} {flags} FIN FIN -m conntrack --ctdir {way.upper()} {ours} "
+            f"{_comment(f'convey close: {way} fin')} -j CONNMARK --set-xmark {bit:#x}/{bit:#x}"
+            for way, bit in (("original", CLOSE_ORIG), ("reply", CLOSE_REPLY))
+        ),
+    ]
 
 
 def dsr_chains(config: Config, plan: OffloadPlan) -> dict[ChainKey, list[str]]:
@@ -385,6 +418,8 @@ def show(config: Config, mode: str, plan: OffloadPlan | None = None) -> str:
     ]
     lines += [f"#   {sid} = {bits:#x}" for sid, bits in plan.servers.items()]
     lines += [f"#   source {addr} = {index + 1:#x}" for index, addr in enumerate(plan.sources)]
+    if mode == Mode.PASSTHROUGH:
+        lines.append(f"#   close bits = {CLOSE_BITS:#x} (ORed in at a FIN or a RST: the close event)")
     lines += ["#", "# install also sets these sysctls (remove restores them):"]
     lines += [f"#   {key} = {value}" for key, value in described_sysctls(config, mode)]
     if uses_marks(config, mode):

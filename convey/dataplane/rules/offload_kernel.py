@@ -26,7 +26,7 @@ def needed_targets(config: Config, mode: Mode) -> tuple[str, ...]:
     """The xtables targets ``mode``'s offload rules use (DNAT also stands for the nat table)."""
     if mode == Mode.PASSTHROUGH:
         snat = "SNAT" if config.passthrough.source_addrs else "MASQUERADE"
-        return ("NFQUEUE", "CONNMARK", "DNAT", snat)
+        return ("NFQUEUE", "CONNMARK", "CT", "DNAT", snat)
     if uses_marks(config, mode):
         return ("NFQUEUE", "CONNMARK", "CT")
     return ("NFQUEUE", "CONNMARK", "CT", "DNAT")
