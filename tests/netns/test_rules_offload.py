@@ -221,7 +221,8 @@ def test_switching_between_per_packet_and_offload_replaces_the_rule_set(routed_b
     lines = call(lb, "install", config, "passthrough")
     # the raw chain holds offload's event masks now instead of per packet's notrack rules
     assert any(
-        line.startswith("iptables: replaced raw chain CONVEY-PREROUTING with 1 rules") and "was 12 rules" in line
+        line.startswith("iptables: replaced raw chain CONVEY-PREROUTING with 1 rules")
+        and "was 12 rules" in line
         for line in lines
     ), lines
     assert "iptables: deleted raw chain CONVEY-OUTPUT (6 rules)" in lines  # per packet's own ICMP errors
