@@ -55,6 +55,14 @@ FORGER = textwrap.dedent(
     out = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     print("ready", flush=True)
     sys.stdin.readline()
+    if a.get("near"):
+        # RSTs inside the window, off the exact sequence number: learnt from one of the client's own ACKs
+        from scapy.all import sniff
+        seen = sniff(iface="eth0", filter=f"tcp and src port {a['cport']}", count=1, timeout=5)[0][TCP]
+        base = seen.seq + len(seen.payload)
+        packets = [raw(IP(src=a["src"], dst=a["vip"]) / TCP(sport=a["cport"], dport=a["vport"], flags="R",
+                                                            seq=(base + rng.randrange(1, 20000)) % 2**32))
+                   for _ in range(len(packets))]
     pause = a["seconds"] / len(packets)
     for packet in packets:
         out.sendto(packet, (a["vip"], 0))
@@ -102,11 +110,12 @@ def download(bed: Testbed, result: dict[str, Any]) -> None:
         sock.close()
 
 
-def test_forged_resets_and_syn_fins_do_not_break_a_download(bed: Testbed) -> None:
-    start_httpd(bed.servers[0], port=SERVER_PORT)
-    convey = ConveyProcess(bed, make_config(bed, fin_linger=2.0)).start()
+def download_under_forgery(bed: Testbed, near: bool = False) -> dict[str, Any]:
+    """The download from CPORT while the client namespace sends FORGED RSTs and SYN|FINs with its 4-tuple and
+    random sequence numbers (``near``: 2 x FORGED RSTs inside the window, off the exact number); asserts it
+    arrived intact and returns what ``download`` found."""
     args = {"src": bed.client.addr, "vip": bed.vip, "cport": CPORT, "vport": VIP_PORT, "n": FORGED,
-            "seconds": 2.5, "seed": 10}  # fmt: skip
+            "seconds": 2.5, "seed": 10, "near": near}  # fmt: skip
     forger = bed.client.popen(
         [sys.executable, "-c", FORGER, json.dumps(args)],
         stdin=subprocess.PIPE,
@@ -136,6 +145,13 @@ def test_forged_resets_and_syn_fins_do_not_break_a_download(bed: Testbed) -> Non
     assert "error" not in result, result
     assert result["status"].startswith("HTTP/1.1 200") and result["body"] == SIZE, result
     assert result["sha256"] == payload_sha256(SIZE)
+    return result
+
+
+def test_forged_resets_and_syn_fins_do_not_break_a_download(bed: Testbed) -> None:
+    start_httpd(bed.servers[0], port=SERVER_PORT)
+    convey = ConveyProcess(bed, make_config(bed, fin_linger=2.0)).start()
+    download_under_forgery(bed)
     doc = convey.stats()
     verdicts = counters(doc)
     assert_clean(doc)
@@ -145,4 +161,26 @@ def test_forged_resets_and_syn_fins_do_not_break_a_download(bed: Testbed) -> Non
     # SYN|FINs were forwarded and changed nothing.
     assert verdicts["rst_out_of_window"] >= FORGED * 0.9, verdicts
     assert verdicts["flows_opened"] == 1 and verdicts["unknown_flow"] == 0, verdicts
+    stop_clean(convey)
+
+
+def test_forged_in_window_resets_end_neither_an_offloaded_download_nor_its_accounting(bed: Testbed) -> None:
+    """With offload conntrack judges the forged packets. 3,000 RSTs inside the window but off the exact sequence
+    number leave the entry ESTABLISHED (the kernel waits for the endpoint's challenge ACK): the rules still OR
+    the RST bit into its connmark, but that event carries no TCP state and is no close. Had one closed the
+    accounting, its counters would have been read then and /stats would miss most of the download (measured:
+    27.1 of 31.5 MB when a RST's mark change alone was taken as the close).
+
+    Random sequence numbers (the per-packet test above) are not run here: in 2 of about 40 runs with offload the
+    download stalled (no byte for 20 s) under them, a finding not explained yet (docs/operations.md)."""
+    start_httpd(bed.servers[0], port=SERVER_PORT)
+    convey = ConveyProcess(bed, make_config(bed, offload=True)).start()
+    download_under_forgery(bed, near=True)
+    doc = convey.wait_stats(
+        lambda d: d["current_connections"] == 0 and d["total_connections"] >= 1, 15, "the download closed"
+    )
+    assert doc["total_connections"] == 1 and doc["offload"]["lost"] == 0, doc
+    # the body and the response's head: the whole download, counted once, at its real close
+    assert SIZE <= doc["bytes_rx"] <= SIZE * 1.01, (doc["bytes_rx"], SIZE)
+    assert_clean(doc)
     stop_clean(convey)

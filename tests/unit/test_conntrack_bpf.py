@@ -135,6 +135,9 @@ def test_an_update_with_every_close_bit_is_kept_whatever_its_state() -> None:
     assert not run(program, with_mark(UPDATE_SYN_RECV, 0x100))
     assert not run(program, with_mark(UPDATE_SYN_RECV, None))
     assert run(program, with_mark(UPDATE_TIME_WAIT, 0x100))  # by state still (an entry picked up mid-stream)
+    # a RST's bit: kept when the event carries the state CLOSE, dropped without a state (a forged RST)
+    assert run(program, with_state(with_mark(UPDATE_SYN_RECV, 0x200100), TcpState.CLOSE))
+    assert not run(program, without_protoinfo(with_mark(UPDATE_SYN_RECV, 0x200100)))
     exact = bpf.event_filter(MarkFilter(0xFF000000, 0x2000000), CLOSED_STATES, closed_mark=0xC00000)
     assert run(exact, with_mark(UPDATE_SYN_RECV, 0x2C00100))
     assert not run(exact, with_mark(UPDATE_SYN_RECV, 0x1C00100))  # another worker's
@@ -167,12 +170,17 @@ def test_other_messages_are_dropped() -> None:
     assert not run(program, NEW_SYN_SENT[:18])
 
 
-def test_update_without_protoinfo_is_dropped() -> None:
-    message = bytearray(UPDATE_TIME_WAIT)
+def without_protoinfo(data: bytes) -> bytes:
+    """``data`` with its CTA_PROTOINFO renamed to an unknown type: an event that carries no TCP state."""
+    message = bytearray(data)
     off = 20
     while off < len(message):
         length, typ = struct.unpack_from("=HH", message, off)
         if typ & 0x3FFF == 4:
             struct.pack_into("=H", message, off + 2, 0x8000 | 30)  # no longer CTA_PROTOINFO
         off += (length + 3) & ~3
-    assert not run(bpf.event_filter(MarkFilter(0xFF00), CLOSED_STATES), bytes(message))
+    return bytes(message)
+
+
+def test_update_without_protoinfo_is_dropped() -> None:
+    assert not run(bpf.event_filter(MarkFilter(0xFF00), CLOSED_STATES), without_protoinfo(UPDATE_TIME_WAIT))

@@ -19,7 +19,7 @@ from convey.dataplane.conntrack_records import (
     payload_bytes,
 )
 from convey.dataplane.decided_ledger import CHECK_AFTER, DecidedLedger
-from convey.dataplane.rules.offload import CLOSE_BITS, CLOSE_ORIG, CLOSE_REPLY
+from convey.dataplane.rules.offload import CLOSE_BITS, CLOSE_ORIG, CLOSE_REPLY, RESET_SEEN
 
 OURS = MarkFilter(mask=0xFF00)
 SIZES = HeaderSizes()
@@ -121,9 +121,11 @@ def test_the_close_bits_close_a_connection_in_any_state_and_a_later_time_wait_sa
     assert led.apply(answer) == [Accounted(uid, 0x100 | CLOSE_BITS, key(12), 10, 20)]
     # an entry picked up mid-stream reports every state: its TIME_WAIT after the bits closes nothing again
     assert led.apply(rec(CtKind.UPDATE, 12, TcpState.TIME_WAIT, mark=0x100 | CLOSE_BITS)) == []
-    # a RST sets both bits (a state of CLOSE: its entry lives on until its DESTROY, as before)
+    # a RST's bit: its event is a close when the RST took the entry to CLOSE (the event carries that state);
+    # one off the exact sequence number left it ESTABLISHED and its event carries no state (a forged RST)
     reset = led.decided(key(13), 0x100, 2.0)[0].ct_id
-    got = led.apply(rec(CtKind.UPDATE, 13, TcpState.CLOSE, mark=0x100 | CLOSE_BITS))
+    assert led.apply(rec(CtKind.UPDATE, 13, None, mark=0x100 | RESET_SEEN)) == []
+    got = led.apply(rec(CtKind.UPDATE, 13, TcpState.CLOSE, mark=0x100 | RESET_SEEN))
     assert got == [Closed(reset, 0x100, key(13))] and key(13) in led.reset
     # the reply FIN alone is half a close too; without closed_mark the bits mean nothing
     led.decided(key(14), 0x100, 3.0)

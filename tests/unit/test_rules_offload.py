@@ -69,19 +69,21 @@ def test_passthrough_rules_queue_new_unmarked_connections_and_nat_by_mark() -> N
         '-m comment --comment "convey frontend api" -j CT --ctevents destroy,mark',
     ]
     mangle = chains[("mangle", "CONVEY-PREROUTING")]
-    # the close bits, after the INVALID drops: a FIN per direction, a RST both
+    # the close bits, after the INVALID drops: a FIN per direction, a RST its own
     assert mangle[-3:] == [
-        "-A CONVEY-PREROUTING -p tcp -m tcp --tcp-flags RST RST -m connmark ! --mark 0x0/0x3fff00 "
-        '-m comment --comment "convey close: reset" -j CONNMARK --set-xmark 0xc00000/0xc00000',
+        "-A CONVEY-PREROUTING -p tcp -m tcp --tcp-flags RST RST -m connmark ! --mark 0x0/0x1fff00 "
+        '-m comment --comment "convey close: reset" -j CONNMARK --set-xmark 0x200000/0x200000',
         "-A CONVEY-PREROUTING -p tcp -m tcp --tcp-flags FIN FIN -m conntrack --ctdir ORIGINAL -m connmark ! "
-        '--mark 0x0/0x3fff00 -m comment --comment "convey close: original fin" -j CONNMARK --set-xmark '
+        '--mark 0x0/0x1fff00 -m comment --comment "convey close: original fin" -j CONNMARK --set-xmark '
         "0x400000/0x400000",
         "-A CONVEY-PREROUTING -p tcp -m tcp --tcp-flags FIN FIN -m conntrack --ctdir REPLY -m connmark ! "
-        '--mark 0x0/0x3fff00 -m comment --comment "convey close: reply fin" -j CONNMARK --set-xmark '
+        '--mark 0x0/0x1fff00 -m comment --comment "convey close: reply fin" -j CONNMARK --set-xmark '
         "0x800000/0x800000",
     ]
-    assert offload.CLOSE_BITS & offload.SERVER_FIELD == 0 and offload.CLOSE_BITS & offload.SOURCE_FIELD == 0
-    assert offload.CLOSE_BITS | offload.SERVER_FIELD | offload.SOURCE_FIELD == offload.PASSTHROUGH_MASK
+    fields = [offload.SOURCE_FIELD, offload.SERVER_FIELD, offload.RESET_SEEN, offload.CLOSE_BITS]
+    assert sum(fields) == offload.PASSTHROUGH_MASK and all(
+        a & b == 0 for a in fields for b in fields if a != b
+    )
     queued = [rule for rule in mangle if "NFQUEUE" in rule]
     assert queued == [
         "-A CONVEY-PREROUTING -d 198.18.0.1/32 -p tcp -m tcp --dport 80 -m conntrack --ctstate NEW -m connmark "
@@ -101,18 +103,18 @@ def test_passthrough_rules_queue_new_unmarked_connections_and_nat_by_mark() -> N
         "-A CONVEY-PREROUTING -m mark ! --mark 0x0/0xffffff -j CONNMARK --save-mark --nfmask 0xffffff --ctmask 0xffffff"
     )
     assert nat[1:] == [
-        '-A CONVEY-PREROUTING -p tcp -m mark --mark 0x100/0x3fff00 -m comment --comment "convey server web/one" '
+        '-A CONVEY-PREROUTING -p tcp -m mark --mark 0x100/0x1fff00 -m comment --comment "convey server web/one" '
         "-j DNAT --to-destination 198.18.1.2:8080",
-        '-A CONVEY-PREROUTING -p tcp -m mark --mark 0x200/0x3fff00 -m comment --comment "convey server web/two" '
+        '-A CONVEY-PREROUTING -p tcp -m mark --mark 0x200/0x1fff00 -m comment --comment "convey server web/two" '
         "-j DNAT --to-destination 198.18.2.2:8080",
-        '-A CONVEY-PREROUTING -p tcp -m mark --mark 0x300/0x3fff00 -m comment --comment "convey server api/one" '
+        '-A CONVEY-PREROUTING -p tcp -m mark --mark 0x300/0x1fff00 -m comment --comment "convey server api/one" '
         "-j DNAT --to-destination 198.18.1.2:9000",
-        '-A CONVEY-PREROUTING -p tcp -m mark --mark 0x400/0x3fff00 -m comment --comment "convey server api/three" '
+        '-A CONVEY-PREROUTING -p tcp -m mark --mark 0x400/0x1fff00 -m comment --comment "convey server api/three" '
         "-j DNAT --to-destination 198.18.3.2:9000",
     ]
     # no source_addrs: the route's source address, as the per-packet mode, in the reserved range
     assert chains[("nat", "CONVEY-POSTROUTING")] == [
-        '-A CONVEY-POSTROUTING -p tcp -m mark ! --mark 0x0/0x3fff00 -m comment --comment "convey route source" '
+        '-A CONVEY-POSTROUTING -p tcp -m mark ! --mark 0x0/0x1fff00 -m comment --comment "convey route source" '
         "-j MASQUERADE --to-ports 40000-50000"
     ]
     assert "random-fully" not in offload.render(cfg, "passthrough")
@@ -213,7 +215,7 @@ def test_dsr_mac_marks_stay_across_a_reload_and_the_routes_follow() -> None:
 def test_the_plan_keeps_marks_reserves_draining_ones_and_gives_new_servers_free_marks() -> None:
     cfg = parse_config(CONFIG, "x.toml")
     first = offload_plan(cfg, "passthrough")
-    assert first.mask == 0xFFFFFF and first.server_mask == 0x3FFF00
+    assert first.mask == 0xFFFFFF and first.server_mask == 0x1FFF00
     assert dict(first.servers) == {"web/one": 0x100, "web/two": 0x200, "api/one": 0x300, "api/three": 0x400}
     assert offload_plan(cfg, "passthrough") == first  # pure and deterministic
     assert offload_plan(cfg, "passthrough", first) == first  # a reload without change changes nothing
@@ -261,8 +263,8 @@ def test_render_show_and_per_packet_dispatch() -> None:
     per_packet = parse_config(CONFIG.replace("offload = true", "offload = false"), "x.toml")
     assert rules.render(per_packet, "passthrough") == ruleset.render(per_packet, "passthrough")
     assert rules.render(with_offload(per_packet, "dsr"), "dsr") == rules.render(cfg, "dsr")
-    plan = OffloadPlan(0xFFFFFF, {"web/one": 0x700}, (), 0x3FFF00)
-    assert "--mark 0x700/0x3fff00" in rules.render(cfg, "passthrough", plan)
+    plan = OffloadPlan(0xFFFFFF, {"web/one": 0x700}, (), 0x1FFF00)
+    assert "--mark 0x700/0x1fff00" in rules.render(cfg, "passthrough", plan)
 
 
 def test_a_vip_of_0000_is_rejected() -> None:

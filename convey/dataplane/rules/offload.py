@@ -66,15 +66,18 @@ OFFLOAD_CHAINS: dict[Mode, tuple[ChainKey, ...]] = {
     Mode.DSR: (("raw", PREROUTING_CHAIN), ("mangle", PREROUTING_CHAIN), ("nat", PREROUTING_CHAIN)),
 }
 
-# passthrough marks: the server in bits 8-21, the source address in bits 0-7 (N + M nat rules, not N * M)
+# passthrough marks: the server in bits 8-20, the source address in bits 0-7 (N + M nat rules, not N * M)
 PASSTHROUGH_MASK = 0xFFFFFF
 SERVER_SHIFT = 8
-SERVER_FIELD = 0x3FFF00
+SERVER_FIELD = 0x1FFF00
 SOURCE_FIELD = 0xFF
-# passthrough close bits (22-23): mangle ORs CLOSE_ORIG into the connmark at the client's FIN, CLOSE_REPLY at
-# the server's, both at a RST. The connection's entry reports only those mark changes and its DESTROY (raw's
-# ``CT --ctevents mark,destroy`` at the SYN), so "both bits set" is the one event that says it closed, instead
-# of an UPDATE per TCP state (about five per connection), each built by the kernel and read by convey
+# passthrough close bits (21-23): mangle ORs CLOSE_ORIG into the connmark at the client's FIN, CLOSE_REPLY at
+# the server's, RESET_SEEN at a RST. An entry made at a SYN reports only its mark changes and its DESTROY (raw's
+# ``CT --ctevents destroy,mark``), not an UPDATE per TCP state (about five per connection, each built by the
+# kernel and read by convey): both FIN bits are the close; a RST's change is one when it carries the state CLOSE
+# (a RST in the window but off the exact sequence number leaves the entry ESTABLISHED, and its event carries no
+# state: a forged one ends nothing)
+RESET_SEEN = 0x200000
 CLOSE_ORIG = 0x400000
 CLOSE_REPLY = 0x800000
 CLOSE_BITS = CLOSE_ORIG | CLOSE_REPLY
@@ -153,7 +156,7 @@ def offload_plan(
 
     A server keeps its mark from ``previous``; a server of ``previous`` that left the config keeps (and
     reserves) its mark while it is in ``keep``; new servers take the lowest free marks. Passthrough: server
-    slots 1.. in bits 8-21, source index + 1 in bits 0-7. DSR ``ip``: ``dsr.fwmark_base + slot``. DSR ``mac``:
+    slots 1.. in bits 8-20, source index + 1 in bits 0-7. DSR ``ip``: ``dsr.fwmark_base + slot``. DSR ``mac``:
     the policy routing's marks, one per server address (:func:`~.ruleset.mark_plan`), kept stable the same way.
     """
     mode = packet_mode(mode)
@@ -307,13 +310,13 @@ def passthrough_chains(config: Config, plan: OffloadPlan) -> dict[ChainKey, list
 
 
 def _close_rules(chain: str) -> list[str]:
-    """Passthrough: the close bits ORed into the connmark of our entries (a server field set) at a FIN, by
-    direction, and at a RST (both). After the INVALID drops: a RST or FIN out of the window never sets them."""
+    """Passthrough: the close bits ORed into the connmark of our entries (a server field set): at a FIN by
+    direction, at a RST ``RESET_SEEN``. After the INVALID drops: a RST or FIN out of the window sets none."""
     ours = f"-m connmark ! --mark {_mask(0, SERVER_FIELD)}"
     flags = "-p tcp -m tcp --tcp-flags"
     return [
         f"-A {chain} {flags} RST RST {ours} {_comment('convey close: reset')} "
-        f"-j CONNMARK --set-xmark {CLOSE_BITS:#x}/{CLOSE_BITS:#x}",
+        f"-j CONNMARK --set-xmark {RESET_SEEN:#x}/{RESET_SEEN:#x}",
         *(
             f"-A {chain} {flags} FIN FIN -m conntrack --ctdir {way.upper()} {ours} "
             f"{_comment(f'convey close: {way} fin')} -j CONNMARK --set-xmark {bit:#x}/{bit:#x}"
@@ -419,7 +422,9 @@ def show(config: Config, mode: str, plan: OffloadPlan | None = None) -> str:
     lines += [f"#   {sid} = {bits:#x}" for sid, bits in plan.servers.items()]
     lines += [f"#   source {addr} = {index + 1:#x}" for index, addr in enumerate(plan.sources)]
     if mode == Mode.PASSTHROUGH:
-        lines.append(f"#   close bits = {CLOSE_BITS:#x} (ORed in at a FIN or a RST: the close event)")
+        lines.append(
+            f"#   close bits = {CLOSE_BITS | RESET_SEEN:#x} (ORed in at a FIN or a RST: the close's event)"
+        )
     lines += ["#", "# install also sets these sysctls (remove restores them):"]
     lines += [f"#   {key} = {value}" for key, value in described_sysctls(config, mode)]
     if uses_marks(config, mode):
