@@ -7,9 +7,10 @@ the one UPDATE that says the connection closed, for its own entries only. The fi
 
 - NEW and DESTROY events whose connmark passes ``MarkFilter``;
 - UPDATE events that carry a TCP state in ``states`` (and pass the mark test); ``states=None`` keeps them all;
-- with ``closed_mark``: also the UPDATE events whose CTA_MARK has all of those bits (passthrough offload's close
-  bits, ORed into the connmark at FIN and RST; its entries report only mark changes and their DESTROY, so the
-  first FIN's event is dropped here and the second's, or a RST's, is the close);
+- with ``closed_mark``: also the UPDATE events whose CTA_MARK has all of those bits (passthrough offload's FIN
+  bits, ORed into the connmark at each FIN; its entries report only mark changes and their DESTROY, so the
+  first FIN's event is dropped here and the second's is the close; a RST's mark change passes by its state,
+  CLOSE, and one that left the entry ESTABLISHED carries no state and is dropped);
 - with ``destroy_unless``: only the DESTROY events whose TCP state is not in it (passthrough offload learns a
   connection's close from its UPDATE and its counters from a GET then: the DESTROY of a TIME_WAIT entry, 120 s
   later, says nothing new; one that died in another state, a timeout or a reset, still comes).

@@ -10,11 +10,11 @@ CPU per connection went from ~184 to ~137 us (bench/README.md).
 - ``decided(key, mark, now)``: an ``Opened`` for a tuple not open yet (a retransmitted SYN decided twice opens
   once). Each connection gets a serial number, ``uid``: the ``ct_id`` of the changes it yields, so the
   accounting never mixes two connections that reused a tuple.
-- ``apply(record)``: an UPDATE whose mark has every ``closed_mark`` bit (the close bits the rules OR in at the
-  FINs of both ways or a RST: an entry made at a SYN reports nothing else but its DESTROY), an UPDATE in a
-  closed state (TIME_WAIT, CLOSE: entries picked up mid-stream report every state), or a DESTROY closes the
-  connection open on its tuple (``Closed``); the monitor then asks for the entry's counters (a GET), whose answer gives the bytes
-  (``Accounted``, final). Any record of an open connection teaches its conntrack id; one with counters (a
+- ``apply(record)``: an UPDATE whose mark has every ``closed_mark`` bit (the FIN bits the rules OR in at the
+  FINs of both ways: an entry made at a SYN reports only its mark changes and its DESTROY), an UPDATE in a
+  closed state (TIME_WAIT; CLOSE, which a RST's mark change carries; entries picked up mid-stream report every
+  state), or a DESTROY closes the connection open on its tuple (``Closed``); the monitor then asks for the
+  entry's counters (a GET), whose answer gives the bytes (``Accounted``, final). Any record of an open connection teaches its conntrack id; one with counters (a
   check's answer, a dump line) reports the bytes so far.
 - ``unconfirmed(now)``: connections decided long ago whose entry conntrack never named: the monitor asks for
   them (a GET by tuple). ``missing(key)``: the answer was "no such entry": the accepted packet never made one

@@ -12,10 +12,11 @@ kernel picks the port); conntrack rewrites every later packet both ways without 
   still holds connections to it (``keep``), and loses them when its last one closes.
 - Counters: a connection opens when the decision accepts its first packet (``DecidedLedger.decided``: total
   and current connections, ``Pool.acquire`` for least_conn, at once); ``conntrack.Monitor`` with
-  ``opens_from_decisions`` says when it closed (the connmark event with both close bits, an UPDATE to
+  ``opens_from_decisions`` says when it closed (the connmark event with both FIN bits, an UPDATE to
   TIME_WAIT or CLOSE, or a DESTROY) and its bytes (a GET at the close), adopts connections alive before a
-  restart from a dump at start, resynchronises from a dump after an ENOBUFS overflow, and closes a decided connection conntrack never held (a check after
-  ``CHECK_AFTER`` seconds finds no entry: the packet was dropped after its verdict). ``OffloadAccounting``
+  restart from a dump at start, resynchronises from a dump after an ENOBUFS overflow, and closes a decided
+  connection conntrack never held (a check after ``CHECK_AFTER`` seconds finds no entry: the packet was
+  dropped after its verdict). ``OffloadAccounting``
   turns those changes into pools and stats scopes; the /stats "offload" section shows it. No NEW event is
   needed (bench/README.md: what that saves).
 - At start, a kernel without conntrack, NAT, connmark or ctnetlink makes convey refuse to start with what is
