@@ -31,6 +31,7 @@ import logging
 import socket
 import struct
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -306,7 +307,9 @@ class Monitor:
     fetch_misses: int = 0  # the entry was gone already: its DESTROY carries the bytes
     checks: int = 0  # GETs for decided connections conntrack never named
     polled: bool = False  # the event socket is read by ``on_readable`` calls only (``poll_instead``)
-    _checks: dict[int, bytes] = field(default_factory=dict)  # their seq -> tuple key (oldest first)
+    _checks: OrderedDict[int, bytes] = field(
+        default_factory=OrderedDict
+    )  # their seq -> tuple key, oldest first
     _next_check: float = 0.0
     _query: socket.socket | None = None
     _seq: int = 0
@@ -421,7 +424,7 @@ class Monitor:
             messages.append(requests.encode_get_key(seq, key))
             self._checks[seq] = key
             if len(self._checks) > CHECKS_MAX:
-                del self._checks[next(iter(self._checks))]
+                self._checks.popitem(last=False)
         self._seq = seq
         try:
             self._query.send(b"".join(messages))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -246,8 +247,10 @@ class Ledger:
     # ids closed and not destroyed yet (TIME_WAIT: up to the table's size): a dump then tells a connection we
     # saw close from one that opened and closed while we were not listening
     closed: set[int] = field(default_factory=set)
-    # ids whose DESTROY was applied (oldest first, bounded): a late answer about one of them changes nothing
-    gone: dict[int, None] = field(default_factory=dict)
+    # ids whose DESTROY was applied (oldest first, bounded): a late answer about one of them changes nothing.
+    # OrderedDict: dropping a plain dict's first key costs a scan over every key deleted before it (see
+    # OffloadAccounting._recent)
+    gone: OrderedDict[int, None] = field(default_factory=OrderedDict)
     gone_max: int = 65536
 
     def apply(self, rec: CtRecord) -> list[Change]:
@@ -267,7 +270,7 @@ class Ledger:
             self.closed.discard(rec.ct_id)
             self.gone[rec.ct_id] = None
             if len(self.gone) > self.gone_max:
-                del self.gone[next(iter(self.gone))]
+                self.gone.popitem(last=False)
         changes: list[Change] = []
         known = rec.ct_id in self.open
         closing = rec.kind is CtKind.DESTROY or rec.tcp_state in self.closed_states

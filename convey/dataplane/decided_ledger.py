@@ -28,6 +28,7 @@ Sans-I/O: records in, changes out; the clock is passed in or read from ``clock``
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -71,12 +72,13 @@ class DecidedLedger:
     closed_mark: int = 0  # the close bits (rules.offload.CLOSE_BITS); 0: closes by TCP state only
     clock: Callable[[], float] = time.monotonic
     open: dict[bytes, _Decided] = field(default_factory=dict)
-    # closed connections whose counters were asked for: conntrack id -> uid (oldest first, bounded)
-    fetching: dict[int, int] = field(default_factory=dict)
+    # closed connections whose counters were asked for: conntrack id -> uid (oldest first, bounded; ordered
+    # dicts: dropping a plain dict's first key scans every key deleted before it)
+    fetching: OrderedDict[int, int] = field(default_factory=OrderedDict)
     fetching_max: int = 65536
     reported: dict[int, tuple[int, int]] = field(default_factory=dict)  # uid -> (tx, rx) payload so far
     # tuples closed by a reset (an UPDATE to CLOSE) whose entry lives on (10 s) until its DESTROY (oldest first)
-    reset: dict[bytes, None] = field(default_factory=dict)
+    reset: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
     unconfirmed_closed: int = 0  # decided, but conntrack never held an entry for them
     _next_uid: int = 1
 
@@ -121,11 +123,11 @@ class DecidedLedger:
         else:  # the monitor asks for the counters: the answer names this entry
             self.fetching[rec.ct_id] = conn.uid
             if len(self.fetching) > self.fetching_max:
-                self.reported.pop(self.fetching.pop(next(iter(self.fetching))), None)
+                self.reported.pop(self.fetching.popitem(last=False)[1], None)
         if not destroy and rec.tcp_state is TcpState.CLOSE:
             self.reset[key] = None
             if len(self.reset) > self.fetching_max:
-                del self.reset[next(iter(self.reset))]
+                self.reset.popitem(last=False)
         return changes
 
     def _closed(self, rec: CtRecord) -> bool:

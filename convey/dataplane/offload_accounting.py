@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -90,7 +91,10 @@ class OffloadAccounting:
         self.lost = 0  # closed by a resync: gone without a DESTROY seen, last bytes unknown
         self.unknown_mark = 0  # an entry with our mark bits whose mark names no server we know
         self._open: dict[int, _Conn] = {}
-        self._recent: dict[int, tuple[st.Counters, ...]] = {}  # closed: ct id -> scopes, oldest first
+        # closed: ct id -> scopes, oldest first. An OrderedDict: a plain dict used as a FIFO (``del
+        # d[next(iter(d))]``) scans every key deleted before the first live one, ~40 us per close once it is
+        # full, and convey's CPU per connection doubled within a minute of load (measured)
+        self._recent: OrderedDict[int, tuple[st.Counters, ...]] = OrderedDict()
         self._per_server: dict[str, int] = {}
 
     # the live config's maps: the plane replaces them on reload (each replacement forgets ``_where``)
@@ -194,7 +198,7 @@ class OffloadAccounting:
         st.closed(conn.scopes)
         self._recent[change.ct_id] = conn.scopes
         if len(self._recent) > RECENT_MAX:
-            del self._recent[next(iter(self._recent))]
+            self._recent.popitem(last=False)
         left = self._per_server.get(conn.server_id, 1) - 1
         if left > 0:
             self._per_server[conn.server_id] = left

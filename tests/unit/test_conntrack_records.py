@@ -212,3 +212,12 @@ def test_each_connection_opens_once_closes_once_and_bytes_add_up(
             assert not is_open.get(n)
             assert counted.get(n, 0) == payload_bytes(packets, packets * 152, HeaderSizes())
     assert set(ledger.open) == {1000 + n for n, o in is_open.items() if o}
+
+
+def test_the_ledger_forgets_the_oldest_destroyed_ids_first() -> None:
+    ledger = Ledger(ours=OURS, gone_max=3)
+    for n in range(5):
+        ledger.apply(rec(CtKind.NEW, n))
+        ledger.apply(rec(CtKind.DESTROY, n))
+    assert list(ledger.gone) == [1002, 1003, 1004]
+    assert ledger.apply(rec(CtKind.UPDATE, 4, TcpState.TIME_WAIT)) == []  # a late word about a destroyed one
