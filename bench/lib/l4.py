@@ -313,7 +313,8 @@ def ratio_line(
     series: Series, row: str, base: str, label: str, targets: dict[str, float] | None = None, width: int = 38
 ) -> str | None:
     """``label bulk up 0.95x, bulk down ..., conn/s ...`` (medians of ``row`` / medians of ``base``), each
-    marked met / NOT met against ``targets`` (metric -> least ratio) when given; None when nothing compares."""
+    marked met / NOT met against ``targets`` (metric -> least ratio) when given, with the lowest and highest
+    round-by-round ratio (``Series.round_ratios``) after a metric with a target; None when nothing compares."""
     parts = []
     for metric, name in ((UP, "bulk up"), (DOWN, "bulk down"), (CONNS, "conn/s")):
         value = series.ratio(row, base, metric)
@@ -324,7 +325,9 @@ def ratio_line(
             met = value >= targets[metric]
             if not met and f"{value:.2f}" == f"{targets[metric]:.2f}":
                 text = f"{name} {value:.3f}x"  # just below the target: do not print it as equal
-            text += f" ({'met' if met else 'NOT met'}: >= {targets[metric]}x)"
+            rounds = series.round_ratios(row, base, metric)
+            by_round = f"; rounds {min(rounds):.2f}-{max(rounds):.2f}x" if rounds else ""
+            text += f" ({'met' if met else 'NOT met'}: >= {targets[metric]}x{by_round})"
         parts.append(text)
     return f"{label:<{width}} " + ", ".join(parts) if parts else None
 

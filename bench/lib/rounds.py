@@ -64,6 +64,15 @@ class Series:
         a, b = self.median(row, metric), self.median(base, metric)
         return a / b if a is not None and b else None
 
+    def round_ratios(self, row: str, base: str, metric: str) -> list[float]:
+        """row / base round by round (rows of one round run minutes apart at most, so a drift of the machine's
+        speed over the run cancels out), empty unless both have one value per round (none skipped) and there
+        are two rounds or more."""
+        a, b = self.get(row, metric), self.get(base, metric)
+        if len(a) < 2 or len(a) != len(b) or not all(b):
+            return []
+        return [x / y for x, y in zip(a, b, strict=True)]
+
     def cell(self, row: str, metric: str, fmt: str = ",.0f") -> str:
         """``median ±h%`` (h: half the spread), the median alone for one round, ``-`` without values."""
         values = self.get(row, metric)
