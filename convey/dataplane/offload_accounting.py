@@ -93,7 +93,7 @@ class OffloadAccounting:
         self._open: dict[int, _Conn] = {}
         # closed: ct id -> scopes, oldest first. An OrderedDict: a plain dict used as a FIFO (``del
         # d[next(iter(d))]``) scans every key deleted before the first live one, ~40 us per close once it is
-        # full, and convey's CPU per connection doubled within a minute of load (measured)
+        # full, and convey's CPU per connection doubled within a minute of load (bench/sustained.py)
         self._recent: OrderedDict[int, tuple[st.Counters, ...]] = OrderedDict()
         self._per_server: dict[str, int] = {}
 
