@@ -116,7 +116,9 @@ def run(args: argparse.Namespace) -> int:
 
             for server in bed.servers:
                 l4.start_rr_server(tools, server, "0.0.0.0", dsr.IP_SERVER_PORT)
-            l4.start_bulk_server(tools, bed.servers[0], "0.0.0.0", dsr.BULK_PORT)  # its config's other backend
+            l4.start_bulk_server(
+                tools, bed.servers[0], "0.0.0.0", dsr.BULK_PORT
+            )  # its config's other backend
             ports = dsr.prepare(bed, "ip")
         else:
             for server in bed.servers:
