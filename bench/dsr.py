@@ -33,7 +33,6 @@ import contextlib
 import functools
 import json
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -45,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.lib import l4  # noqa: E402
+from bench.lib import l4, procs  # noqa: E402
 from bench.lib.rounds import Series, progress  # noqa: E402
 from testbed.bed import Testbed  # noqa: E402
 from testbed.convey_proc import ConveyProcess, ConveyProcessError  # noqa: E402
@@ -292,14 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench/dsr.py needs root (network namespaces, iptables)", file=sys.stderr)
         return 1
-    main_pid = os.getpid()
-
-    def on_term(signum: int, frame: Any) -> None:
-        if os.getpid() != main_pid:  # a forked helper (pyroute2 forks for namespace work): just go
-            os._exit(128 + signum)
-        raise KeyboardInterrupt  # clean up as on Ctrl-C
-
-    signal.signal(signal.SIGTERM, on_term)
+    procs.interrupt_on_sigterm()
     started = time.monotonic()
     try:
         results = run(

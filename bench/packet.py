@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -59,7 +58,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.lib import blast, l4  # noqa: E402
+from bench.lib import blast, l4, procs  # noqa: E402
 from bench.lib.procs import ask, spawn_in, stop  # noqa: E402
 from bench.lib.rounds import Series, progress  # noqa: E402
 from testbed.bed import Testbed  # noqa: E402
@@ -475,14 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/packet.py builds network namespaces: run it as root", file=sys.stderr)
         return 1
 
-    main_pid = os.getpid()
-
-    def on_term(signum: int, frame: Any) -> None:
-        if os.getpid() != main_pid:  # a forked helper (pyroute2 forks for namespace work): just go
-            os._exit(128 + signum)
-        raise KeyboardInterrupt  # clean up as on Ctrl-C
-
-    signal.signal(signal.SIGTERM, on_term)
+    procs.interrupt_on_sigterm()
     print(
         f"convey packet-path benchmark: {args.seconds:g}s per measurement, {args.rounds} round(s), "
         f"{os.cpu_count()} CPUs (load generators share them with what they measure)",

@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.lib import blast, l4  # noqa: E402
+from bench.lib import blast, l4, procs  # noqa: E402
 from bench.lib.rounds import Series, markdown_table, progress  # noqa: E402
 from bench.packet import (  # noqa: E402
     BULK_PORT,
@@ -358,14 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("bench/queue_binding.py builds network namespaces: run it as root", file=sys.stderr)
         return 1
-    main_pid = os.getpid()
-
-    def on_term(signum: int, frame: Any) -> None:
-        if os.getpid() != main_pid:
-            os._exit(128 + signum)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
+    procs.interrupt_on_sigterm()
     print(f"queue bindings: {args.seconds:g}s per bulk measurement, {args.rounds} round(s), {os.cpu_count()} CPUs "
           "(load generators share them with what they measure)", file=sys.stderr)  # fmt: skip
     started = time.monotonic()

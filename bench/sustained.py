@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import statistics
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.lib import l4  # noqa: E402
+from bench.lib import l4, procs  # noqa: E402
 from testbed.bed import Testbed  # noqa: E402
 from testbed.convey_proc import ConveyProcess  # noqa: E402
 
@@ -176,14 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/sustained.py builds network namespaces: run it as root", file=sys.stderr)
         return 1
 
-    main_pid = os.getpid()
-
-    def on_term(signum: int, frame: Any) -> None:
-        if os.getpid() != main_pid:  # a forked helper (pyroute2 forks for namespace work): just go
-            os._exit(128 + signum)
-        raise KeyboardInterrupt  # clean up as on Ctrl-C
-
-    signal.signal(signal.SIGTERM, on_term)
+    procs.interrupt_on_sigterm()
     try:
         return run(args)
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -170,3 +171,17 @@ class Children:
             for proc in procs:
                 self.stop(proc)
         return results
+
+
+def interrupt_on_sigterm() -> None:
+    """SIGTERM cleans up as Ctrl-C does (a KeyboardInterrupt in this process). A process forked from this one
+    (pyroute2 forks helpers for its namespace work, and they inherit the handler) just exits: raising there
+    would run the script's cleanup, the bed's destruction included, in the helper."""
+    main_pid = os.getpid()
+
+    def on_term(signum: int, frame: Any) -> None:
+        if os.getpid() != main_pid:
+            os._exit(128 + signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
