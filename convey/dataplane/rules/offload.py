@@ -4,9 +4,10 @@ With offload only a connection's first packet reaches convey; its verdict sets a
 passthrough, the balancer source address); the kernel keeps that mark in the connection's conntrack entry
 (connmark) and conntrack carries every later packet. Measured and explained in iptables/README.md:
 
-- **passthrough**: ``raw`` gives a SYN's new entry the events ``mark,destroy`` only; ``mangle`` drops INVALID
-  packets both ways, queues packets of NEW entries without a connmark (``--queue-bypass``) and ORs the close
-  bits into the connmark at FIN and RST; ``nat PREROUTING`` saves the mark into the connmark and DNATs by the
+- **passthrough**: ``raw`` gives a SYN's new entry the events ``mark,destroy`` only; ``mangle`` lets an
+  established segment without FIN, SYN or RST leave at its first rule, drops INVALID packets both ways, queues
+  packets of NEW entries without a connmark (``--queue-bypass``) and ORs the close bits into the connmark at FIN
+  and RST; ``nat PREROUTING`` saves the mark into the connmark and DNATs by the
   server field; ``nat POSTROUTING`` SNATs by the source field (``port_range``), or MASQUERADEs into
   ``port_range`` when ``source_addrs`` is empty (the route's source address, as the per-packet mode). Never
   ``--random-fully``.
