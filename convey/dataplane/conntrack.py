@@ -307,9 +307,8 @@ class Monitor:
     fetch_misses: int = 0  # the entry was gone already: its DESTROY carries the bytes
     checks: int = 0  # GETs for decided connections conntrack never named
     polled: bool = False  # the event socket is read by ``on_readable`` calls only (``poll_instead``)
-    _checks: OrderedDict[int, bytes] = field(
-        default_factory=OrderedDict
-    )  # their seq -> tuple key, oldest first
+    # their seq -> tuple key, oldest first (an OrderedDict: see OffloadAccounting._recent)
+    _checks: OrderedDict[int, bytes] = field(default_factory=OrderedDict)
     _next_check: float = 0.0
     _query: socket.socket | None = None
     _seq: int = 0
