@@ -400,7 +400,7 @@ class Monitor:
                     closed.extend(c.orig_key for c in got if isinstance(c, Closed))
         if changes:
             self.on_changes(changes)
-        if closed and self._query is not None:
+        if closed and self._query is not None and self.fetch_on_close:
             self._fetch(closed)
         if self._loop is None and not closed:
             self.on_answers()

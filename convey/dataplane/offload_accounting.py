@@ -12,7 +12,8 @@ With offload the kernel carries a connection's packets, so the counters come fro
 - ``Accounted``: payload bytes, in the original convey's directions: ``bytes_tx`` client -> server (the
   original direction), ``bytes_rx`` server -> client (the reply; DSR never sees it). Bytes may arrive after the
   close (the GET at the close, the DESTROY of a TIME_WAIT entry 120 s later): the scopes of recently closed
-  connections are kept (bounded) for that.
+  connections are kept (bounded) for that. Passthrough offload (``bytes_from_counters``) ignores them: its
+  bytes come from the kernel's byte counters by (mark, VIP) instead (``add_bytes``), read when /stats asks.
 
 Clients the decision refused are folded per frontend into the scopes' ``refused`` counters, as with flows.
 ``section`` builds the /stats "offload" section.
@@ -32,6 +33,7 @@ from convey.balancing.pool import Pool, Server
 from convey.control.flows import FlowRow, Query, Selection, select
 from convey.dataplane.conntrack_records import Accounted, Change, Closed, Opened
 from convey.dataplane.flow_accounting import fold_refused
+from convey.dataplane.rules.byte_counters import CounterKey
 
 __all__ = ["OffloadAccounting"]
 
@@ -66,7 +68,7 @@ class _Conn:
     )
     frontend: str = ""
     since: float = 0.0  # time.monotonic() when conntrack reported it (GET /flows' age)
-    tx: int = 0  # payload bytes reported so far (conntrack reports them at the close)
+    tx: int = 0  # payload bytes reported so far (DSR: at the close; passthrough's byte counters: none)
     rx: int = 0
 
 
@@ -96,6 +98,9 @@ class OffloadAccounting:
         # full, and convey's CPU per connection doubled within a minute of load (bench/sustained.py)
         self._recent: OrderedDict[int, tuple[st.Counters, ...]] = OrderedDict()
         self._per_server: dict[str, int] = {}
+        # passthrough offload: bytes come from the kernel's byte counters (``add_bytes``), not per connection
+        self.bytes_from_counters = False
+        self.unattributed_bytes = 0  # counted under a mark or VIP that names no server or frontend any more
 
     # the live config's maps: the plane replaces them on reload (each replacement forgets ``_where``)
 
@@ -207,7 +212,24 @@ class OffloadAccounting:
             if conn.server.removed and self.on_drained is not None:
                 self.on_drained(conn.server_id)
 
+    def add_bytes(self, key: CounterKey, tx: int, rx: int) -> None:
+        """Payload bytes the kernel's byte counters carried for (mark, VIP address, VIP port) since the last
+        reading (``offload_bytes.ByteTally``): to the scopes a connection with that mark to that VIP counts in."""
+        mark, vip, port = key
+        cached = (mark, vip + port.to_bytes(2, "big"))
+        where = self._where.get(cached, _UNKNOWN)
+        if where is _UNKNOWN:
+            where = self._where[cached] = self._locate(mark, bytes(4) + vip + bytes(2) + cached[1][4:])
+        if where is None:
+            self.unattributed_bytes += tx + rx
+            return
+        for c in where.scopes:
+            c.bytes_tx += tx
+            c.bytes_rx += rx
+
     def _bytes(self, change: Accounted) -> None:
+        if self.bytes_from_counters:
+            return  # the kernel's counters have them (a dump's counters would count them twice)
         conn = self._open.get(change.ct_id)
         scopes = conn.scopes if conn is not None else self._recent.get(change.ct_id)
         if scopes is None:
@@ -227,7 +249,8 @@ class OffloadAccounting:
 
     def flows(self, query: Query, now: float) -> Selection:
         """GET /flows: the open connections conntrack reported, as rows (state "offloaded": the kernel carries
-        them; bytes as conntrack reported them so far, which is at the close; no scheduler detail recorded)."""
+        them; bytes as conntrack reported them so far: at the close, so 0 while open, and always 0 with passthrough's
+        byte counters, which count per server and frontend; no scheduler detail recorded)."""
         rows = (
             FlowRow(
                 socket.inet_ntoa(c.key[0:4]),
@@ -263,6 +286,8 @@ class OffloadAccounting:
             "unknown_mark": self.unknown_mark,
             "open_per_server": dict(self._per_server),
         }
+        if self.bytes_from_counters:
+            doc["unattributed_bytes"] = self.unattributed_bytes
         if monitor is not None:
             doc["monitor"] = dict(monitor)
         return doc

@@ -13,12 +13,16 @@ kernel picks the port); conntrack rewrites every later packet both ways without 
 - Counters: a connection opens when the decision accepts its first packet (``DecidedLedger.decided``: total
   and current connections, ``Pool.acquire`` for least_conn, at once); ``conntrack.Monitor`` with
   ``opens_from_decisions`` says when it closed (the connmark event with both FIN bits, an UPDATE to
-  TIME_WAIT or CLOSE, or a DESTROY) and its bytes (a GET at the close), adopts connections alive before a
+  TIME_WAIT or CLOSE, or a DESTROY), adopts connections alive before a
   restart from a dump at start, resynchronises from a dump after an ENOBUFS overflow, and closes a decided
   connection conntrack never held (a check after ``CHECK_AFTER`` seconds finds no entry: the packet was
   dropped after its verdict). ``OffloadAccounting``
   turns those changes into pools and stats scopes; the /stats "offload" section shows it. No NEW event is
   needed (bench/README.md: what that saves).
+- Bytes: the kernel counts every packet of a marked connection into an nftables set by (mark, direction, VIP)
+  (``rules.byte_counters``, installed with the rules); the "offload" section reads it first, and
+  ``ByteTally`` (``offload_bytes``) turns its growth into payload bytes for ``OffloadAccounting.add_bytes``:
+  no GET per close (what it cost: bench/README.md).
 - At start, a kernel without conntrack, NAT, connmark or ctnetlink makes convey refuse to start with what is
   missing and how to get it (``rules.offload_kernel.require_kernel``, over ``conntrack_check``).
 """
@@ -42,9 +46,12 @@ from convey.dataplane.conntrack_records import HeaderSizes, MarkFilter
 from convey.dataplane.decided_ledger import DecidedLedger
 from convey.dataplane.nfqueue import Batch
 from convey.dataplane.offload_accounting import OffloadAccounting
+from convey.dataplane.offload_bytes import ByteTally
 from convey.dataplane.plane import PacketPlane
+from convey.dataplane.rules import byte_counters
 from convey.dataplane.rules.offload import CLOSE_BITS, WORKER_FIELD, OffloadPlan, offload_plan, worker_bits
 from convey.dataplane.rules.offload_kernel import require_kernel
+from convey.dataplane.rules.ruleset import RulesError
 from convey.dataplane.verdict_sender import (
     VerdictSender,
     queue_fd,
@@ -62,7 +69,7 @@ def accounting_on() -> bool:
     """False only with ``CONVEY_OFFLOAD_ACCOUNTING=off``, a measurement knob (``bench/packet.py
     --accounting-off``): the plane then subscribes to no conntrack event, so /stats counts no connection and no
     byte, and least_conn sees none. It exists to measure what the per-connection accounting costs (the events,
-    their decoding, the counters GET at each close) against the decision alone; never for serving."""
+    their decoding, the close's bookkeeping; the byte counters' readings) against the decision alone; never for serving."""
     return os.environ.get("CONVEY_OFFLOAD_ACCOUNTING", "on") != "off"
 
 
@@ -81,6 +88,10 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
         self.ledger: DecidedLedger | None = None
         self._sizes: tuple[int, int, bool] | None = None
         self._verdicts: VerdictSender | None = None
+        # the kernel's byte counters (rules.byte_counters), read when /stats asks: payload bytes per key
+        self.tally: ByteTally | None = None
+        self.byte_reads_failed = 0
+        self._last_byte_error = ""
 
     # -- start and stop ---------------------------------------------------------------------------------------
 
@@ -125,8 +136,17 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
             if self.worker_bits
             else MarkFilter(mask=self.plan.mask)
         )
-        ledger = DecidedLedger(ours=ours, closed_mark=CLOSE_BITS)
-        self.monitor = conntrack.Monitor(ledger, self.offload.apply, opens_from_decisions=True)
+        # the bytes come from the kernel's byte counters: no GET for an entry's counters at each close
+        ledger = DecidedLedger(ours=ours, closed_mark=CLOSE_BITS, fetch_counters=False)
+        self.monitor = conntrack.Monitor(
+            ledger, self.offload.apply, opens_from_decisions=True, fetch_on_close=False
+        )
+        self.offload.bytes_from_counters = True
+        self.tally = ByteTally(worker_mask=WORKER_FIELD, worker_bits=self.worker_bits)
+        try:
+            self.tally.start(byte_counters.read())
+        except (RulesError, ValueError) as exc:  # counted from zero when a reading first works
+            self._byte_read_failed(exc)
         try:
             self.monitor.start(asyncio.get_running_loop())  # dumps first: live connections are adopted
         except conntrack.ConntrackError:
@@ -154,6 +174,9 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
             changes = ledger.decided(key, mark, time.monotonic())
             if changes:
                 self.offload.apply(changes)
+                tally = self.tally
+                if tally is not None:
+                    tally.decided((mark, key[4:8], (key[10] << 8) | key[11]))
 
     def _mark_of(self, server_id: str, flow_hash: int) -> int | None:
         """The mark for a connection to ``server_id``: with several source addresses, the flow hash spreads
@@ -212,6 +235,7 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
 
     def set_plan(self, plan: OffloadPlan) -> None:
         """A worker process: the supervisor's plan (at start, with a reload, after a drained server)."""
+        self.refresh_bytes()  # what the byte counters hold is counted under the marks it had
         self.fixed_plan = self.plan = plan
         self.offload.server_of = plan.server_of
 
@@ -226,6 +250,7 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
 
     def _loaded(self, config: Config) -> None:
         assert self.plan is not None
+        self.refresh_bytes()  # a reload: the bytes carried so far go to the frontends and servers they had
         self.offload.vips = self.vips
         self.offload.backend_of = self.backend_of
         self.offload.server_of = self.plan.server_of
@@ -242,6 +267,7 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
         if self.fixed_plan is not None:  # a worker: the supervisor sees it in its next poll and sends a plan
             log.info("event=server_drained server=%s", server_id)
             return
+        self.refresh_bytes()  # its last bytes, while its mark still names it
         self.plan = offload_plan(self.config, self.mode, previous=self.plan, keep=self._kept(self.config))
         self.offload.server_of = self.plan.server_of
         log.info("event=server_drained server=%s", server_id)
@@ -261,6 +287,31 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
         self._sizes = sizes
         if sizes is not None and self.monitor is not None:
             self.monitor.ledger.sizes = HeaderSizes.from_syn(*sizes)
+        if sizes is not None and self.tally is not None:
+            self.tally.sizes = HeaderSizes.from_syn(*sizes)
+
+    def refresh_bytes(self) -> None:
+        """Read the kernel's byte counters and add what they carried since the last reading to the stats
+        scopes (called first by the /stats "offload" section: /stats, /metrics and the page show it)."""
+        tally = self.tally
+        if tally is None:
+            return
+        try:
+            totals = byte_counters.read()
+        except (RulesError, ValueError) as exc:
+            self._byte_read_failed(exc)
+            return
+        for key, tx, rx in tally.update(totals):
+            self.offload.add_bytes(key, tx, rx)
+
+    def _byte_read_failed(self, exc: Exception) -> None:
+        self.byte_reads_failed += 1
+        text = str(exc)
+        if text != self._last_byte_error:  # once per new error, not at every /stats
+            log.error(
+                "event=byte_counters_read_failed error=%r note=%r", text, "bytes not counted until it works"
+            )
+        self._last_byte_error = text
 
     def _decision_section(self, edge: dict[str, Any]) -> dict[str, Any]:
         doc: dict[str, Any] = dict(edge)
@@ -278,8 +329,16 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
 
     def offload_section(self) -> dict[str, Any]:
         """The /stats "offload" section: connections learnt from conntrack and the event monitor's counters."""
+        self.refresh_bytes()
         monitor = self.monitor.counters() if self.monitor is not None else None
         doc = self.offload.section(monitor)
+        if self.tally is not None:
+            doc["byte_counters"] = {
+                "source": f"nft {byte_counters.FAMILY} {byte_counters.TABLE} set {byte_counters.SET}",
+                "readings": self.tally.readings,
+                "read_failures": self.byte_reads_failed,
+                "last_error": self._last_byte_error or None,
+            }
         if self.plan is not None:
             doc["mark_mask"] = f"{self.plan.mask:#x}"
             doc["marks"] = {sid: f"{bits:#x}" for sid, bits in self.plan.servers.items()}

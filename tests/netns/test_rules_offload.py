@@ -92,6 +92,11 @@ def write(bed: Testbed, mode: str, name: str, extra: str = "", **kwargs: Any) ->
     return path
 
 
+def nft_tables(host: Host) -> list[str]:
+    """The nftables tables of the namespace (iptables-save does not show nft-native ones)."""
+    return [line for line in host.run(["nft", "list", "tables"]).stdout.splitlines() if line.strip()]
+
+
 def sysctls(host: Host) -> dict[str, str]:
     return {key: host.read_sysctl(key) for key in CONNTRACK + OTHER}
 
@@ -153,6 +158,8 @@ def test_offload_install_reload_remove_leaves_the_namespace_as_before(
         if line.startswith(("-A PREROUTING", "-A POSTROUTING")):
             assert "convey" in line
             break
+    # passthrough: the byte counters, an nft table of convey's own; DSR has none
+    assert ("table ip convey_bytes" in nft_tables(lb)) is (mode == "passthrough")
     assert lb.read_sysctl("net.netfilter.nf_conntrack_acct") == "1"
     assert lb.read_sysctl("net.netfilter.nf_conntrack_events") == "1"
     assert lb.read_sysctl("net.netfilter.nf_conntrack_tcp_loose") == "1"
@@ -170,6 +177,7 @@ def test_offload_install_reload_remove_leaves_the_namespace_as_before(
     assert all(line.endswith("unchanged") for line in again) and len(again) == len(expected(config, mode))
     shown = call(lb, "show", config, mode)
     assert "flow offload" in shown
+    assert ("#   table ip convey_bytes {" in shown) is (mode == "passthrough")
 
     # reload: server s1 removed (still draining, kept), a new server added; s0 keeps its mark
     new_host = "198.19.0.77" if bed_kind == "l2" else "198.18.1.77"
@@ -201,6 +209,7 @@ def test_offload_install_reload_remove_leaves_the_namespace_as_before(
     assert any("deleted nat chain CONVEY-PREROUTING" in line for line in removed)
     assert saved(lb) == before
     assert sysctls(lb) == before_sysctls
+    assert "table ip convey_bytes" not in nft_tables(lb)  # (iptables-nft leaves its own tables, empty)
     assert (
         lb.run(["ip", "-d", "-4", "rule", "show"]).stdout
         + lb.run(["ip", "-4", "route", "show", "table", "all"]).stdout
@@ -228,9 +237,11 @@ def test_switching_between_per_packet_and_offload_replaces_the_rule_set(routed_b
     assert "iptables: deleted raw chain CONVEY-OUTPUT (6 rules)" in lines  # per packet's own ICMP errors
     assert "sysctl net.ipv4.conf.all.accept_local: 1 -> 0" in lines
     assert sort(ours(lb)) == expected(config, "passthrough")
+    assert "added nft table ip convey_bytes (offload byte counters)" in lines
     assert call(lb, "problems", per_packet, "passthrough")  # the per-packet set is not in place any more
     lines = call(lb, "install", per_packet, "passthrough")
     assert "iptables: deleted nat chain CONVEY-POSTROUTING (1 rules)" in lines
+    assert "removed nft table ip convey_bytes" in lines  # per packet counts bytes itself
     assert call(lb, "problems", per_packet, "passthrough") == []
     call(lb, "remove", None, "passthrough")
     assert saved(lb) == before

@@ -27,7 +27,7 @@ from typing import Any
 from convey.config import Config, offloaded, workers_for
 from convey.dataplane import kernel_state
 from convey.dataplane.kernel_state import StateFile
-from convey.dataplane.rules import iptables, offload, routing, ruleset, sysctls
+from convey.dataplane.rules import byte_counters, iptables, offload, routing, ruleset, sysctls
 from convey.dataplane.rules.offload import OffloadPlan, offload_plan
 from convey.dataplane.rules.offload_kernel import require_kernel
 from convey.dataplane.rules.ruleset import (
@@ -101,6 +101,14 @@ def _host_marks(config: Config, mode: Mode, plan: OffloadPlan | None) -> dict[st
     return offload.host_marks(config, plan if plan is not None else offload_plan(config, mode))
 
 
+def _byte_counters(config: Config, mode: Mode, plan: OffloadPlan | None) -> tuple[int, int] | None:
+    """Passthrough offload: the byte counters' (ours mask, key mask) for ``plan``; None for other modes."""
+    if mode != Mode.PASSTHROUGH or not offloaded(config, mode):
+        return None
+    plan = plan if plan is not None else offload_plan(config, mode)
+    return offload.SERVER_FIELD, offload.byte_key_mask(plan)
+
+
 def render(config: Config, mode: str, plan: OffloadPlan | None = None) -> str:
     """``mode``'s rule set as ``iptables-restore --noflush`` input (offload's when the config asks for it)."""
     if offloaded(config, mode):
@@ -154,6 +162,9 @@ def install(
             state["mode"] = mode
             state["config"] = config.path
             path.save(state)
+    counters = _byte_counters(config, mode, plan)
+    # passthrough offload's byte counters before the rules that mark connections: every packet is counted
+    lines += byte_counters.install(*counters) if counters is not None else byte_counters.remove()
     lines += iptables.install(wanted, _labels(config, mode)[0])
     for line in lines:
         log.info("rules install: %s", line)
@@ -167,6 +178,7 @@ def remove(config: Config | None = None, *, state_dir: Path | None = None) -> li
     the DSR policy routing install would have added; sysctls are then left as they are.
     """
     lines = iptables.remove()
+    lines += byte_counters.remove()
     path = state_file(state_dir)
     state = _load(path)
     with kernel_state.iproute("rules remove") as ipr:
@@ -193,6 +205,9 @@ def problems(config: Config, mode: str, plan: OffloadPlan | None = None) -> list
     label = _labels(config, mode)[1]
     found = iptables.problems(_wanted(config, mode, plan), label)
     found += sysctls.problems(config, mode, offload=offload_on)
+    counters = _byte_counters(config, mode, plan)
+    if counters is not None:
+        found += byte_counters.problems(counters[1])
     if uses_marks(config, mode):
         with kernel_state.iproute("rules check") as ipr:
             found += routing.problems(ipr, config, _host_marks(config, mode, plan))

@@ -25,6 +25,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from convey.config import Config, ConfigError, workers_for
+from convey.dataplane.rules import byte_counters
 from convey.dataplane.rules.ruleset import (
     IP_FORWARD,
     LOCAL_RULE_PREF,
@@ -90,6 +91,17 @@ MAX_OFFLOAD_WORKERS = WORKER_FIELD >> WORKER_SHIFT
 # DSR marks: the whole mark names the server, or with workers bits 0-23 (the mac flavour's ip rules then compare
 # only those: ruleset.fwmark_mask)
 DSR_MASK = 0xFFFFFFFF
+
+
+def byte_key_mask(plan: OffloadPlan) -> int:
+    """Passthrough: the connmark bits the byte counters are keyed by (``rules.byte_counters``): the server,
+    source address and worker, not the close bits (a connection's counter must not change at its FIN)."""
+    return plan.mask & ~(CLOSE_BITS | RESET_SEEN)
+
+
+def render_byte_counters(plan: OffloadPlan) -> str:
+    """Passthrough: the nft table of the byte counters for ``plan`` (``nft -f`` input)."""
+    return byte_counters.render(SERVER_FIELD, byte_key_mask(plan))
 
 
 def worker_bits(index: int) -> int:
@@ -439,6 +451,9 @@ def show(config: Config, mode: str, plan: OffloadPlan | None = None) -> str:
         lines.append(
             f"#   close bits = {CLOSE_BITS | RESET_SEEN:#x} (ORed in at a FIN or a RST: the close's event)"
         )
+    if mode == Mode.PASSTHROUGH:
+        lines += ["#", "# install also makes this nftables table, the byte counters (remove deletes it):"]
+        lines += [f"#   {line.expandtabs(4)}" for line in render_byte_counters(plan).splitlines()]
     lines += ["#", "# install also sets these sysctls (remove restores them):"]
     lines += [f"#   {key} = {value}" for key, value in described_sysctls(config, mode)]
     if uses_marks(config, mode):

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from convey.config import Config
 from convey.dataplane import conntrack, conntrack_check
+from convey.dataplane.rules import byte_counters
 from convey.dataplane.rules.ruleset import uses_marks
 from convey.modes import Mode
 
@@ -49,8 +50,17 @@ def require_kernel(
     load: Callable[[Path], None] = load_conntrack,
     loadable: Callable[[str], bool] = conntrack_check.modprobe_dry_run,
     ctnetlink: Callable[[], str | None] | None = conntrack.probe,
+    nft_found: Callable[[], bool] = byte_counters.available,
 ) -> None:
     """Raise OffloadUnavailable unless this kernel (namespace) has everything ``mode``'s offload uses."""
     load(proc)
     found = conntrack_check.missing(proc, loadable, ctnetlink, need=needed_targets(config, mode))
+    if mode == Mode.PASSTHROUGH and not nft_found():
+        found.append(
+            conntrack_check.Missing(
+                "the nft tool",
+                "passthrough offload counts each connection's bytes in an nftables set",
+                "install nftables (apt install nftables; kernel: CONFIG_NF_TABLES, nft_ct, nft_dynset)",
+            )
+        )
     conntrack_check.require(found, f"--{mode} --offload")
