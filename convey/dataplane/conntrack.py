@@ -392,15 +392,17 @@ class Monitor:
         records, overflowed = self.source.read()
         changes: list[Change] = []
         closed: list[bytes] = []
+        fetch = self.fetch_on_close and self._query is not None
+        apply = self.ledger.apply
         for rec in records:
-            got = self.ledger.apply(rec)
+            got = apply(rec)
             if got:
                 changes.extend(got)
-                if rec.kind is CtKind.UPDATE:
+                if fetch and rec.kind is CtKind.UPDATE:
                     closed.extend(c.orig_key for c in got if isinstance(c, Closed))
         if changes:
             self.on_changes(changes)
-        if closed and self._query is not None and self.fetch_on_close:
+        if closed:
             self._fetch(closed)
         if self._loop is None and not closed:
             self.on_answers()

@@ -90,12 +90,18 @@ class DecidedLedger:
 
     def decided(self, key: bytes, mark: int, now: float) -> list[Change]:
         """Convey accepted the first packet of ``key`` (the 12-byte original tuple) with ``mark``."""
+        opened = self.decided_one(key, mark, now)
+        return [opened] if opened is not None else []
+
+    def decided_one(self, key: bytes, mark: int, now: float) -> Opened | None:
+        """:meth:`decided` without the list (the decision's own path): the ``Opened``, or None for a tuple
+        open already (the same SYN again, a retransmission decided twice: one connection)."""
         if key in self.open:
-            return []  # the same SYN again (a retransmission decided twice): one connection
+            return None
         uid = self._next_uid
         self._next_uid += 1
         self.open[key] = _Decided(uid, mark, now)
-        return [Opened(uid, mark, key, b"")]
+        return Opened(uid, mark, key, b"")
 
     # -- conntrack's records ----------------------------------------------------------------------------------
 

@@ -146,15 +146,16 @@ class OffloadAccounting:
 
     def apply(self, changes: Iterable[Change]) -> None:
         """``Monitor``'s ``on_changes``."""
-        for change in changes:
-            if isinstance(change, Accounted):
-                self._bytes(change)
-            elif isinstance(change, Opened):
-                self._opened(change)
-            elif isinstance(change, Closed):
+        for change in changes:  # most common first: one open and one close per connection
+            if isinstance(change, Closed):
                 self._closed(change)
+            elif isinstance(change, Opened):
+                self.opened_one(change)
+            elif isinstance(change, Accounted):
+                self._bytes(change)
 
-    def _opened(self, change: Opened) -> None:
+    def opened_one(self, change: Opened) -> None:
+        """One connection opened (``apply`` of one ``Opened``, without the list: the decision's own path)."""
         if change.ct_id in self._open:
             return
         key = change.orig_key
@@ -201,9 +202,10 @@ class OffloadAccounting:
             self.lost += 1
         conn.pool.release(conn.server)
         st.closed(conn.scopes)
-        self._recent[change.ct_id] = conn.scopes
-        if len(self._recent) > RECENT_MAX:
-            self._recent.popitem(last=False)
+        if not self.bytes_from_counters:  # late bytes (a GET's answer, a DESTROY) find the scopes
+            self._recent[change.ct_id] = conn.scopes
+            if len(self._recent) > RECENT_MAX:
+                self._recent.popitem(last=False)
         left = self._per_server.get(conn.server_id, 1) - 1
         if left > 0:
             self._per_server[conn.server_id] = left

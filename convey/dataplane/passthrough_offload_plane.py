@@ -171,9 +171,9 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
         """The decision accepted a connection's first packet: it counts as open from now (see the module doc)."""
         ledger = self.ledger
         if ledger is not None:
-            changes = ledger.decided(key, mark, time.monotonic())
-            if changes:
-                self.offload.apply(changes)
+            opened = ledger.decided_one(key, mark, time.monotonic())
+            if opened is not None:
+                self.offload.opened_one(opened)
                 tally = self.tally
                 if tally is not None:
                     tally.decided((mark, key[4:8], (key[10] << 8) | key[11]))
