@@ -216,18 +216,34 @@ class OffloadAccounting:
 
     def add_bytes(self, key: CounterKey, tx: int, rx: int) -> None:
         """Payload bytes the kernel's byte counters carried for (mark, VIP address, VIP port) since the last
-        reading (``offload_bytes.ByteTally``): to the scopes a connection with that mark to that VIP counts in."""
+        reading (``offload_bytes.ByteTally``): to the scopes a connection with that mark to that VIP counts in.
+        The mark's server need not be in its pool any more (a removed server whose last connection just
+        closed: the plane reads the counters before it releases the mark)."""
         mark, vip, port = key
         cached = (mark, vip + port.to_bytes(2, "big"))
         where = self._where.get(cached, _UNKNOWN)
-        if where is _UNKNOWN:
-            where = self._where[cached] = self._locate(mark, bytes(4) + vip + bytes(2) + cached[1][4:])
-        if where is None:
+        scopes = (
+            where.scopes
+            if where is not None and where is not _UNKNOWN
+            else self._byte_scopes(mark, vip, port)
+        )
+        if scopes is None:
             self.unattributed_bytes += tx + rx
             return
-        for c in where.scopes:
+        for c in scopes:
             c.bytes_tx += tx
             c.bytes_rx += rx
+
+    def _byte_scopes(self, mark: int, vip: bytes, port: int) -> tuple[st.Counters, ...] | None:
+        """The scopes of bytes under ``mark`` to a VIP, by the names alone: None when the mark names no server."""
+        server_id = self.server_of(mark)
+        if server_id is None:
+            return None
+        backend, _, name = server_id.partition("/")
+        frontend = self.vips.get((vip, port))
+        if frontend is None:  # its frontend left the config: total, backend and server only
+            return (self.stats.total, self.stats.backend(backend), self.stats.server(backend, name))
+        return self.stats.scopes(frontend, backend, name)
 
     def _bytes(self, change: Accounted) -> None:
         if self.bytes_from_counters:

@@ -178,6 +178,10 @@ def test_counted_bytes_go_to_the_scopes_of_their_mark_and_vip() -> None:
     assert (stats.total.bytes_tx, stats.frontend("front").bytes_tx) == (1006, 1001)
     acc.add_bytes((0x900, VIP4, 80), 7, 8)  # a mark naming no server
     assert acc.unattributed_bytes == 15 and acc.section()["unattributed_bytes"] == 15
+    # a removed server whose pool forgot it at its last close: its mark still names it until released
+    acc.server_of = {0x100: "b/web1", 0x300: "b/gone"}.get
+    acc.add_bytes((0x300, VIP4, 80), 10, 20)
+    assert (stats.server("b", "gone").bytes_rx, stats.frontend("front").bytes_rx) == (20, 20_002 + 20)
 
 
 def test_a_system_without_nft_is_told_how_to_get_it(tmp_path: Path) -> None:
