@@ -64,6 +64,8 @@ __all__ = ["PassthroughOffloadPlane", "accounting_on"]
 
 log = logging.getLogger("convey.packet")
 
+BYTES_READ_INTERVAL = 0.2  # seconds: the byte counters are read at most this often for /stats
+
 
 def accounting_on() -> bool:
     """False only with ``CONVEY_OFFLOAD_ACCOUNTING=off``, a measurement knob (``bench/packet.py
@@ -92,6 +94,7 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
         self.tally: ByteTally | None = None
         self.byte_reads_failed = 0
         self._last_byte_error = ""
+        self._next_byte_read = 0.0
 
     # -- start and stop ---------------------------------------------------------------------------------------
 
@@ -290,17 +293,26 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
         if sizes is not None and self.tally is not None:
             self.tally.sizes = HeaderSizes.from_syn(*sizes)
 
-    def refresh_bytes(self) -> None:
+    def refresh_bytes(self, force: bool = True) -> None:
         """Read the kernel's byte counters and add what they carried since the last reading to the stats
-        scopes (called first by the /stats "offload" section: /stats, /metrics and the page show it)."""
+        scopes. The /stats "offload" section calls it first (``force=False``: at most every
+        ``BYTES_READ_INTERVAL`` seconds, so a client polling /stats in a loop does not run ``nft`` in a loop);
+        a reload or a drained server read at once, before what a mark or VIP names changes."""
         tally = self.tally
         if tally is None:
             return
+        now = time.monotonic()
+        if not force and now < self._next_byte_read:
+            return
+        self._next_byte_read = now + BYTES_READ_INTERVAL
         try:
             totals = byte_counters.read()
         except (RulesError, ValueError) as exc:
             self._byte_read_failed(exc)
             return
+        if self._last_byte_error:
+            log.info("event=byte_counters_read_recovered after=%r", self._last_byte_error)
+            self._last_byte_error = ""
         for key, tx, rx in tally.update(totals):
             self.offload.add_bytes(key, tx, rx)
 
@@ -329,7 +341,7 @@ class PassthroughOffloadPlane(PacketPlane[OffloadDecision]):
 
     def offload_section(self) -> dict[str, Any]:
         """The /stats "offload" section: connections learnt from conntrack and the event monitor's counters."""
-        self.refresh_bytes()
+        self.refresh_bytes(force=False)
         monitor = self.monitor.counters() if self.monitor is not None else None
         doc = self.offload.section(monitor)
         if self.tally is not None:

@@ -207,3 +207,38 @@ def test_a_system_without_nft_is_told_how_to_get_it(tmp_path: Path) -> None:
         ctnetlink=None,
         nft_found=lambda: False,
     )
+
+
+def test_stats_read_the_counters_at_most_every_interval_and_a_reload_at_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from convey import stats as stats_mod
+    from convey.dataplane import passthrough_offload_plane as plane_mod
+
+    reads: list[int] = []
+    totals = {KEY: Totals(1, 52 + 100, 0, 0)}
+
+    def read() -> dict[tuple[int, bytes, int], Totals]:
+        reads.append(1)
+        if len(reads) == 4:
+            raise byte_counters.RulesError("nft -j list set ip convey_bytes conns failed: No such file")
+        return totals
+
+    monkeypatch.setattr(plane_mod.byte_counters, "read", read)
+    plane = plane_mod.PassthroughOffloadPlane({}, stats_mod.Stats(mode="passthrough", started=0.0))
+    plane.tally = ByteTally(sizes=SIZES)
+    plane.tally.start({})
+    plane.refresh_bytes(force=False)
+    plane.refresh_bytes(force=False)  # within BYTES_READ_INTERVAL: not read again
+    assert len(reads) == 1
+    plane.refresh_bytes()  # a reload, a drained server: at once
+    assert len(reads) == 2
+    plane._next_byte_read = 0.0
+    plane.refresh_bytes(force=False)
+    assert len(reads) == 3
+    with caplog.at_level("INFO"):
+        plane.refresh_bytes()
+        plane.refresh_bytes()
+    assert plane.byte_reads_failed == 1 and len(reads) == 5
+    assert sum("byte_counters_read_failed" in r.getMessage() for r in caplog.records) == 1
+    assert any("byte_counters_read_recovered" in r.getMessage() for r in caplog.records)
