@@ -15,8 +15,8 @@ CPU per connection went from ~184 to ~137 us (bench/README.md).
   closed state (TIME_WAIT; CLOSE, which a RST's mark change carries; entries picked up mid-stream report every
   state), or a DESTROY closes the connection open on its tuple (``Closed``); with ``fetch_counters`` the
   monitor then asks for the entry's counters (a GET), whose answer gives the bytes (``Accounted``, final).
-  Passthrough offload turns it off: its bytes come from the kernel's byte counters (``offload_bytes``), and the
-  GET cost ~31 us of convey's CPU per connection. Any record of an open connection teaches its conntrack id;
+  Passthrough offload turns it off: its bytes come from the kernel's byte counters (``offload_bytes``), which
+  cost convey less CPU per connection than the GET (bench/README.md). Any record of an open connection teaches its conntrack id;
   one with counters (a check's answer, a dump line) reports the bytes so far.
 - ``unconfirmed(now)``: connections decided long ago whose entry conntrack never named: the monitor asks for
   them (a GET by tuple). ``missing(key)``: the answer was "no such entry": the accepted packet never made one

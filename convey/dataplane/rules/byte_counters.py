@@ -1,8 +1,8 @@
 """Passthrough offload's byte counters: an nftables set the kernel counts every forwarded packet into.
 
 With offload the kernel carries a connection's packets, so its bytes must come from the kernel. Asking
-conntrack for each entry's counters when it closes (a GET per close) cost convey about 31 us of CPU per
-connection and 13% of its connections/s (bench/README.md, "bytes from kernel counters"). Instead, one nftables
+conntrack for each entry's counters when it closes (a GET per close, what convey did before) cost convey more
+CPU per connection than this (0.89x with the set: bench/README.md, "bytes from kernel counters"). Instead, one nftables
 rule in the forward hook adds each packet of a connection convey marked to a counter keyed by
 (connmark without the close bits, direction, VIP address, VIP port): the server and source address (and
 worker) the mark names, the way the packet went, and the frontend. The set has a few elements per server and
