@@ -20,7 +20,6 @@ namespaces, every process in them and the worktree are removed on exit, on failu
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -32,9 +31,17 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import dsr  # noqa: E402
-from bench.lib import l4, procs  # noqa: E402
-from bench.sustained import SERVER_PORT, VIP_PORT, config_text, cpu_seconds, process_tree  # noqa: E402
+from bench.lib import l4  # noqa: E402
+from bench.sustained import (  # noqa: E402
+    VIP_PORT,
+    add_load_options,
+    check_load_options,
+    config_text,
+    cpu_seconds,
+    load_bed,
+    process_tree,
+    run_as_root,
+)
 from testbed.bed import Testbed  # noqa: E402
 from testbed.convey_proc import ConveyProcess  # noqa: E402
 
@@ -100,33 +107,19 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="convey-ab-") as scratch:
         base = Variant("base", checkout(args.base, Path(scratch)))
         head = Variant("working tree", REPO)
-        dsr_mode = args.mode == "dsr"
-        bed = Testbed.create(kind="l2" if dsr_mode else "routed", servers=2)
-        ports: list[int] = []
         try:
-            tools = l4.Tools.find(bed.logdir)
-            l4.no_time_wait(bed.servers)
-            if dsr_mode:
-                for server in bed.servers:
-                    l4.start_rr_server(tools, server, "0.0.0.0", dsr.IP_SERVER_PORT)
-                l4.start_bulk_server(tools, bed.servers[0], "0.0.0.0", dsr.BULK_PORT)
-                ports = dsr.prepare(bed, "ip")
-            else:
-                for server in bed.servers:
-                    l4.start_rr_server(tools, server, server.addr, SERVER_PORT)
-            what = f"{args.mode}{' offload' if args.offload else ''}, {args.workers} worker(s)"
-            print(f"A/B ({what}): base = {args.base}, B = the working tree; {args.pairs} pairs of "
-                  f"{args.seconds:g} s, {args.concurrency} connections in flight", flush=True)  # fmt: skip
-            for pair in range(args.pairs):
-                order = (base, head) if pair % 2 == 0 else (head, base)
-                for variant in order:
-                    print(
-                        f"  pair {pair + 1} {variant.label}: {measure(bed, tools, variant, args)}", flush=True
-                    )
+            with load_bed(args.mode) as (bed, tools):
+                what = f"{args.mode}{' offload' if args.offload else ''}, {args.workers} worker(s)"
+                print(f"A/B ({what}): base = {args.base}, B = the working tree; {args.pairs} pairs of "
+                      f"{args.seconds:g} s, {args.concurrency} connections in flight", flush=True)  # fmt: skip
+                for pair in range(args.pairs):
+                    order = (base, head) if pair % 2 == 0 else (head, base)
+                    for variant in order:
+                        print(
+                            f"  pair {pair + 1} {variant.label}: {measure(bed, tools, variant, args)}",
+                            flush=True,
+                        )
         finally:
-            if ports:
-                dsr.unprepare(bed, ports)
-            bed.destroy()
             remove_worktree(base.tree)
     ratios = [b / a for a, b in zip(base.rates, head.rates, strict=True) if a > 0]
     print()
@@ -145,26 +138,13 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="the git revision to compare the working tree with")
-    parser.add_argument("--mode", choices=("passthrough", "dsr", "proxy"), default="passthrough")
-    parser.add_argument("--offload", action="store_true", help="flow offload (passthrough and dsr)")
-    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    add_load_options(parser, 6.0)
     parser.add_argument("--pairs", type=int, default=10, help="interleaved pairs (default 10)")
-    parser.add_argument("--seconds", type=float, default=6.0, help="each measurement's window (default 6)")
-    parser.add_argument("--concurrency", type=int, default=32, help="connections in flight (default 32)")
     args = parser.parse_args(argv)
-    if not 1 <= args.pairs <= 40 or not 0.5 <= args.seconds <= 30 or not 1 <= args.workers <= 8:
-        parser.error("--pairs must be 1..40, --seconds 0.5..30, --workers 1..8")
-    if args.offload and args.mode == "proxy":
-        parser.error("--offload is for --mode passthrough or dsr")
-    if os.geteuid() != 0:
-        print("bench/ab_revisions.py builds network namespaces: run it as root", file=sys.stderr)
-        return 1
-    procs.interrupt_on_sigterm()
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("interrupted; the test bed, every process in it and the worktree are gone", file=sys.stderr)
-        return 130
+    check_load_options(parser, args)
+    if not 1 <= args.pairs <= 40:
+        parser.error("--pairs must be 1..40")
+    return run_as_root("bench/ab_revisions.py", run, args)  # the worktree goes with the bed (run's finally)
 
 
 if __name__ == "__main__":

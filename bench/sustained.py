@@ -27,9 +27,11 @@ and count; the namespaces and every process in them are removed on exit, on fail
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +104,12 @@ def counted(doc: dict[str, Any]) -> int:
     return int(doc.get("total_connections", 0))
 
 
-def run(args: argparse.Namespace) -> int:
-    dsr_mode = args.mode == "dsr"
-    bed = Testbed.create(kind="l2" if dsr_mode else "routed", servers=2)  # DSR: bench/dsr.py's bed
+@contextlib.contextmanager
+def load_bed(mode: str) -> Iterator[tuple[Testbed, l4.Tools]]:
+    """A bed with short-connection servers for ``mode`` (DSR: bench/dsr.py's L2 bed with ``rewrite = "ip"``),
+    removed with every process in it on the way out."""
+    dsr_mode = mode == "dsr"
+    bed = Testbed.create(kind="l2" if dsr_mode else "routed", servers=2)
     ports: list[int] = []
     try:
         tools = l4.Tools.find(bed.logdir)
@@ -118,6 +123,16 @@ def run(args: argparse.Namespace) -> int:
         else:
             for server in bed.servers:
                 l4.start_rr_server(tools, server, server.addr, SERVER_PORT)
+        yield bed, tools
+    finally:
+        if ports:
+            dsr.unprepare(bed, ports)
+        bed.destroy()
+
+
+def run(args: argparse.Namespace) -> int:
+    per_conn: list[float] = []
+    with load_bed(args.mode) as (bed, tools):
         convey = ConveyProcess(
             bed, config_text(bed, args.mode, args.offload, args.workers), mode=args.mode, name="sustained"
         ).start()
@@ -128,7 +143,6 @@ def run(args: argparse.Namespace) -> int:
               f"{args.concurrency} connections in flight", file=sys.stderr)  # fmt: skip
         print("| round | conn/s | errors | convey CPU us/conn | convey RSS MiB | connections counted |")
         print("|---:|---:|---:|---:|---:|---:|")
-        per_conn: list[float] = []
         for index in range(args.rounds):
             pids = process_tree(pid)
             before = cpu_seconds(pids)
@@ -142,10 +156,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"| {index + 1} | {result.per_second:,.0f} | {result.errors} | {us:.0f} | "
                   f"{rss_mib(process_tree(pid)):.0f} | {counted(doc):,} |", flush=True)  # fmt: skip
         convey.stop()
-    finally:
-        if ports:
-            dsr.unprepare(bed, ports)
-        bed.destroy()
     if len(per_conn) >= 4:
         early = statistics.median(per_conn[1:3])  # the first round warms up
         late = statistics.median(per_conn[-2:])
@@ -154,29 +164,44 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_load_options(parser: argparse.ArgumentParser, seconds: float) -> None:
+    """The options of a short-connection load through one convey (this script's and bench/ab_revisions.py's)."""
     parser.add_argument("--mode", choices=("passthrough", "dsr", "proxy"), default="passthrough")
     parser.add_argument("--offload", action="store_true", help="flow offload (passthrough and dsr)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    parser.add_argument("--rounds", type=int, default=10, help="back-to-back rounds (default 10)")
-    parser.add_argument("--seconds", type=float, default=5.0, help="each round's window (default 5)")
+    parser.add_argument("--seconds", type=float, default=seconds, help=f"each window (default {seconds:g})")
     parser.add_argument("--concurrency", type=int, default=32, help="connections in flight (default 32)")
-    args = parser.parse_args(argv)
-    if not 1 <= args.rounds <= 60 or not 0.5 <= args.seconds <= 30 or not 1 <= args.workers <= 8:
-        parser.error("--rounds must be 1..60, --seconds 0.5..30, --workers 1..8")
+
+
+def check_load_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if not 0.5 <= args.seconds <= 30 or not 1 <= args.workers <= 8:
+        parser.error("--seconds must be 0.5..30, --workers 1..8")
     if args.offload and args.mode == "proxy":
         parser.error("--offload is for --mode passthrough or dsr")
-    if os.geteuid() != 0:
-        print("bench/sustained.py builds network namespaces: run it as root", file=sys.stderr)
-        return 1
 
+
+def run_as_root(script: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """``run(args)`` as root, with SIGTERM as Ctrl-C (the bed is removed either way)."""
+    if os.geteuid() != 0:
+        print(f"{script} builds network namespaces: run it as root", file=sys.stderr)
+        return 1
     procs.interrupt_on_sigterm()
     try:
         return run(args)
     except KeyboardInterrupt:
         print("interrupted; the test bed and every process in it are gone", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_load_options(parser, 5.0)
+    parser.add_argument("--rounds", type=int, default=10, help="back-to-back rounds (default 10)")
+    args = parser.parse_args(argv)
+    check_load_options(parser, args)
+    if not 1 <= args.rounds <= 60:
+        parser.error("--rounds must be 1..60")
+    return run_as_root("bench/sustained.py", run, args)
 
 
 if __name__ == "__main__":

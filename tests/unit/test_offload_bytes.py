@@ -186,27 +186,17 @@ def test_counted_bytes_go_to_the_scopes_of_their_mark_and_vip() -> None:
 
 def test_a_system_without_nft_is_told_how_to_get_it(tmp_path: Path) -> None:
     cfg = parse_config(CONFIG, "x.toml")
-    with pytest.raises(OffloadUnavailable) as caught:
+
+    def check(mode: Mode) -> None:
         offload_kernel.require_kernel(
-            cfg,
-            Mode.PASSTHROUGH,
-            proc=tmp_path,
-            load=lambda _: None,
-            loadable=lambda _: True,
-            ctnetlink=None,
+            cfg, mode, proc=tmp_path, load=lambda _: None, loadable=lambda _: True, ctnetlink=None,
             nft_found=lambda: False,
-        )
+        )  # fmt: skip
+
+    with pytest.raises(OffloadUnavailable) as caught:
+        check(Mode.PASSTHROUGH)
     assert "the nft tool" in str(caught.value) and "apt install nftables" in str(caught.value)
-    # DSR keeps no byte counters: nft is not needed there
-    offload_kernel.require_kernel(
-        cfg,
-        Mode.DSR,
-        proc=tmp_path,
-        load=lambda _: None,
-        loadable=lambda _: True,
-        ctnetlink=None,
-        nft_found=lambda: False,
-    )
+    check(Mode.DSR)  # DSR keeps no byte counters: nft is not needed there
 
 
 def test_stats_read_the_counters_at_most_every_interval_and_a_reload_at_once(
