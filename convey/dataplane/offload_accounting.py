@@ -182,16 +182,15 @@ class OffloadAccounting:
         server = pool.find(name) if pool is not None else None
         if pool is None or server is None or server_id is None:
             return None
-        frontend = self.vips.get((key[4:8], int.from_bytes(key[10:12], "big")))
+        frontend, scopes = self._scopes(backend, name, key[4:8], int.from_bytes(key[10:12], "big"))
+        return _Where(pool, server, server_id, scopes, frontend)
+
+    def _scopes(self, backend: str, name: str, vip: bytes, port: int) -> tuple[str, tuple[st.Counters, ...]]:
+        """The frontend of a VIP ("" when it left the config) and the scopes a connection to it counts in."""
+        frontend = self.vips.get((vip, port))
         if frontend is None:  # its frontend left the config: total, backend and server only
-            scopes: tuple[st.Counters, ...] = (
-                self.stats.total,
-                self.stats.backend(backend),
-                self.stats.server(backend, name),
-            )
-        else:
-            scopes = self.stats.scopes(frontend, backend, name)
-        return _Where(pool, server, server_id, scopes, frontend or "")
+            return "", (self.stats.total, self.stats.backend(backend), self.stats.server(backend, name))
+        return frontend, self.stats.scopes(frontend, backend, name)
 
     def _closed(self, change: Closed) -> None:
         conn = self._open.pop(change.ct_id, None)
@@ -240,10 +239,7 @@ class OffloadAccounting:
         if server_id is None:
             return None
         backend, _, name = server_id.partition("/")
-        frontend = self.vips.get((vip, port))
-        if frontend is None:  # its frontend left the config: total, backend and server only
-            return (self.stats.total, self.stats.backend(backend), self.stats.server(backend, name))
-        return self.stats.scopes(frontend, backend, name)
+        return self._scopes(backend, name, vip, port)[1]
 
     def _bytes(self, change: Accounted) -> None:
         if self.bytes_from_counters:
