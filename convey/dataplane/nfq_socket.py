@@ -111,6 +111,10 @@ class NetlinkQueue:
         )
         self.gso_packets = 0
         self.cut_packets = 0  # longer than the copy range (NFQA_CAP_LEN)
+        # Reads of the socket when it became readable, and the packets they got: packets / drains is the mean
+        # batch (near Batch.size: the handler is the limit; a few: it mostly waits for packets, waking often).
+        self.drains = 0
+        self.packets = 0
         self._sock: socket.socket | None = None
         self._nfq: _FdHandle | None = None  # what the netfilterqueue binding's ``_nfq`` offers: ``get_fd()``
         self._buf = bytearray(RECV_BUF)
@@ -210,6 +214,7 @@ class NetlinkQueue:
         packet_type, packet_hdr, payload_kind = nl.PACKET_TYPE, nl.NFQA_PACKET_HDR, nl.NFQA_PAYLOAD
         info_kind, cap_kind, gso_flag = nl.NFQA_SKB_INFO, nl.NFQA_CAP_LEN, nl.NFQA_SKB_GSO
         batch.begin()
+        got = 0
         try:
             for _ in range(batch.size):
                 try:
@@ -251,6 +256,7 @@ class NetlinkQueue:
                 pkt.done = False
                 if info & gso_flag:
                     self.gso_packets += 1
+                got += 1
                 callback(pkt)
                 if not pkt.done:
                     if self.verdicts_here:
@@ -262,6 +268,8 @@ class NetlinkQueue:
                     break
         finally:
             self.flush()
+            self.drains += 1
+            self.packets += got
         if self.after_drain is not None:
             try:
                 self.after_drain()
@@ -324,6 +332,8 @@ class NetlinkQueue:
             "full_checksums": self.full_checksums,
             "kernel_checksums": self.kernel_checksums,
             "cut_packets": self.cut_packets,
+            "drains": self.drains,
+            "packets": self.packets,
         }
 
     def stop(self) -> None:

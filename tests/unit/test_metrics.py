@@ -63,6 +63,8 @@ def queue(num: int) -> dict[str, Any]:
         "full_checksums": 4,
         "kernel_checksums": 0,
         "cut_packets": 0,
+        "drains": 2,
+        "packets": 5,
     }
 
 

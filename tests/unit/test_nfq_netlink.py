@@ -266,6 +266,9 @@ def test_drain_decodes_packets_and_sends_their_verdicts_in_one_sendmsg() -> None
     ]
     assert [v.get(nl.NFQA_PAYLOAD) for v in verdicts] == [sent[0][2][::-1], None, sent[2][2][::-1], None]
     assert queue.gso_packets == 2 and queue.no_verdict == 0
+    assert (queue.drains, queue.packets) == (1, 4)  # one read of the socket got the four packets
+    queue._drain()  # readable, but nothing there (the loop's wakeup can be spurious): a drain of no packet
+    assert (queue.counters()["drains"], queue.counters()["packets"]) == (2, 4)
     with contextlib.suppress(BlockingIOError):
         kernel.setblocking(False)
         assert kernel.recv(1 << 20) == b"", "one datagram for the batch"
