@@ -32,14 +32,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.lib import l4  # noqa: E402
+from bench.lib.cpu import cpu_seconds, process_tree  # noqa: E402
 from bench.sustained import (  # noqa: E402
     VIP_PORT,
     add_load_options,
     check_load_options,
     config_text,
-    cpu_seconds,
     load_bed,
-    process_tree,
     run_as_root,
 )
 from testbed.bed import Testbed  # noqa: E402

@@ -294,7 +294,7 @@ class ConveyPath(DataPath):
         return doc
 
     def cpu_pid(self) -> int | None:
-        return self.pid if self.workers == 1 else None  # workers: the supervisor's CPU would say nothing
+        return self.pid  # with workers: the supervisor; its worker processes are counted with it
 
     @property
     def pid(self) -> int:
@@ -422,6 +422,9 @@ def report(results: Results) -> str:
             line = l4.ratio_line(s, row, base, label, goals)
             if line:
                 lines.append(line)
+                ceiling = l4.ceiling_line(s, row, base) if base in (PER_PACKET, OFFLOAD) else None
+                if ceiling:
+                    lines.append(ceiling)
     per_conn = s.median(OFFLOAD, l4.PER_CONN)
     if per_conn is not None and per_conn > 3:
         lines.append(f"  note: {per_conn:.1f} packets per connection reached convey with offload on: the kernel "

@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.lib.cpu import busy_cpus, cpu_times, machine_jiffies  # noqa: E402
+from bench.lib.cpu import busy_cpus, machine_jiffies, process_tree, tree_cpu_times  # noqa: E402
 from bench.lib.procs import Children, role_argv  # noqa: E402
 from bench.lib.rounds import interleave, median, spread  # noqa: E402
 
@@ -138,11 +138,13 @@ def measure(
     try:
         # The generators count from WARMUP after they start to WARMUP + seconds; sample CPU inside that window.
         time.sleep(WARMUP + 0.05)
-        cpu0 = cpu_times(proxy_pid).total if proxy_pid else 0.0
+        # convey --workers: the supervisor and its workers
+        pids = process_tree(proxy_pid) if proxy_pid else []
+        cpu0 = tree_cpu_times(pids).total
         box0 = machine_jiffies()
         t0 = time.monotonic()
         time.sleep(max(0.1, seconds - 0.15))
-        cpu1 = cpu_times(proxy_pid).total if proxy_pid else 0.0
+        cpu1 = tree_cpu_times(pids).total
         box1 = machine_jiffies()
         t1 = time.monotonic()
     finally:
@@ -224,7 +226,7 @@ class Proxy:
 
     name: str
     start: Callable[[], tuple[subprocess.Popen[str] | None, int, int]]  # (process, bulk port, rr port)
-    cpu: bool = True  # measure the process's CPU (not for a supervisor whose workers do the work)
+    cpu: bool = True  # measure the process's CPU (with its children's: a supervisor and its workers)
 
 
 def bench(args: argparse.Namespace) -> list[Row]:
@@ -307,7 +309,7 @@ def bench(args: argparse.Namespace) -> list[Row]:
         ]
         for workers in sorted({1, args.workers}) if args.workers > 1 else []:
             label = f"convey, {workers} worker{'s' if workers > 1 else ''}"
-            proxies.append(Proxy(label, functools.partial(convey_cli, workers), cpu=workers == 1))
+            proxies.append(Proxy(label, functools.partial(convey_cli, workers)))
         if HAS_UVLOOP:
             proxies.append(Proxy("convey (uvloop)", functools.partial(convey, True)))
         else:
@@ -366,7 +368,9 @@ def table(rows: list[Row], rounds: int) -> str:
             cpu = f"{r.cpu * 100:.0f}%" if r.cpu is not None else ""
             cells += f" {value:>16} | {cpu:>5} |"
         lines.append(f"| {row.name:24} |{cells}")
-    lines.append("CPU: the proxy process's CPU use during the measurement (100% = one core busy).")
+    lines.append(
+        "CPU: the proxy's CPU use during the measurement, all its processes and threads (100% = one core)."
+    )
     if rounds > 1:
         lines.append(
             f"Values: median of {rounds} rounds; ±: half the spread (max - min) relative to the median."
@@ -393,6 +397,8 @@ def table(rows: list[Row], rounds: int) -> str:
             lines.append(f"  {row.name:18} " + ", ".join(parts))
     pairs = [(f"convey, {n} worker{'s' if n > 1 else ''}", f"haproxy (nbthread {n})") for n in (1, 2)]
     pairs.append(("convey, 2 workers", "convey, 1 worker"))
+    # What a second thread gives HAProxy on this machine:
+    pairs.append(("haproxy (nbthread 2)", "haproxy (nbthread 1)"))
     compared = [(by_name[a], by_name[b]) for a, b in pairs if a in by_name and b in by_name]
     if compared:
         lines.append("")
@@ -405,6 +411,9 @@ def table(rows: list[Row], rounds: int) -> str:
                 a, b = mine.median(m), theirs.median(m)
                 if a is not None and b is not None and b.value > 0:
                     parts.append(f"{LABELS[m].removesuffix(' Gb/s')} {a.value / b.value:.2f}x")
+            a, b = mine.median("rr"), theirs.median("rr")
+            if a is not None and b is not None:  # is the machine the limit? (load generators count too)
+                parts.append(f"machine CPUs busy (short conn/s) {a.machine:.2f} / {b.machine:.2f}")
             lines.append(f"  {mine.name} / {theirs.name}: " + ", ".join(parts))
     return "\n".join(lines)
 

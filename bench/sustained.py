@@ -41,39 +41,12 @@ if str(REPO) not in sys.path:
 
 from bench import dsr  # noqa: E402
 from bench.lib import l4, procs  # noqa: E402
+from bench.lib.cpu import cpu_seconds, process_tree  # noqa: E402
 from testbed.bed import Testbed  # noqa: E402
 from testbed.convey_proc import ConveyProcess  # noqa: E402
 
 SERVER_PORT = 8080
 VIP_PORT = 80
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (a ``--workers`` supervisor and its workers)."""
-    found = [pid]
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for task in tasks:
-        try:
-            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
-        except OSError:
-            continue
-        for child in children:
-            found += process_tree(int(child))
-    return found
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pids: list[int]) -> float:

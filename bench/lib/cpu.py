@@ -1,9 +1,11 @@
-"""CPU accounting: a process's CPU seconds, the whole machine's busy CPUs, pinning a process to a CPU."""
+"""CPU accounting: a process's (or a process tree's) CPU seconds, the whole machine's busy CPUs, pinning a process
+to a CPU."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
 from typing import NamedTuple
 
 
@@ -28,6 +30,41 @@ def cpu_times(pid: int) -> CpuTimes:
         fields = f.read().rsplit(")", 1)[1].split()  # the command name may contain spaces and parentheses
     tick = os.sysconf("SC_CLK_TCK")
     return CpuTimes(int(fields[11]) / tick, int(fields[12]) / tick)
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a ``--workers`` supervisor and its workers)."""
+    found = [pid]
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            children = Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            found += process_tree(int(child))
+    return found
+
+
+def tree_cpu_times(pids: list[int]) -> CpuTimes:
+    """The summed :func:`cpu_times` of ``pids`` (see :func:`process_tree`); a process gone meanwhile counts 0."""
+    user = system = 0.0
+    for pid in pids:
+        try:
+            times = cpu_times(pid)
+        except OSError:
+            continue
+        user += times.user
+        system += times.system
+    return CpuTimes(user, system)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of ``pids`` together."""
+    return tree_cpu_times(pids).total
 
 
 def machine_jiffies() -> tuple[int, int]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bench.lib.cpu import cpu_times
+from bench.lib.cpu import busy_cpus, machine_jiffies, process_tree, tree_cpu_times
 from bench.lib.procs import result_of, spawn_in
 from bench.lib.rounds import Series, interleave, markdown_table
 from testbed.process import python_env, wait_until
@@ -49,7 +49,9 @@ MAX_CONNECTIONS = (
 UP, DOWN, CONNS = "up", "down", "conns"
 PER_CONN, PER_MB = "pkt_per_conn", "pkt_per_mb"
 FAILED = "failed"
-CPU = "cpu_percent"  # of convey during the connections/s run (100 = one core)
+CPU = "cpu_percent"  # of convey (all its processes) during the connections/s run (100 = one core)
+PER_DRAIN = "pkt_per_drain"  # packets per read of convey's queues during the connections/s run
+MACHINE = "machine_cpus"  # CPUs the machine kept busy during the connections/s run (load generators too)
 OVERFLOWS = "ct_overflows"  # conntrack event overflows (resynchronisations) convey reported after the row
 
 
@@ -69,7 +71,8 @@ class Row(Protocol):
         ...
 
     def cpu_pid(self) -> int | None:
-        """The row's userspace process (convey), whose CPU use is measured; None when it has none."""
+        """The row's userspace process (convey), whose CPU use (with its worker processes') is measured; None when
+        it has none."""
         ...
 
     def stats(self) -> dict[str, Any] | None:
@@ -255,11 +258,14 @@ def measure_row(
         if down and before is not None and after is not None and received:
             series.add(row.name, PER_MB, (after - before) / (received / 1e6))
     addr, port = row.target("rr")
-    before, pid = row.verdicts(), row.cpu_pid()
-    cpu0, started = (cpu_times(pid) if pid else None), time.monotonic()
+    before, pid, reads = row.verdicts(), row.cpu_pid(), queue_reads(row.stats())
+    pids = process_tree(pid) if pid else []  # with --workers: the supervisor and its workers
+    cpu0, machine0, started = tree_cpu_times(pids), machine_jiffies(), time.monotonic()
     result = conns(tools, client, addr, port, load.seconds, load.concurrency, limit, load.warmup)
-    if pid and cpu0 is not None:
-        series.add(row.name, CPU, 100 * (cpu_times(pid) - cpu0).total / (time.monotonic() - started))
+    elapsed = time.monotonic() - started
+    series.add(row.name, MACHINE, busy_cpus(machine0, machine_jiffies()))
+    if pids:
+        series.add(row.name, CPU, 100 * (tree_cpu_times(pids) - cpu0).total / elapsed)
     after = row.verdicts()
     series.add(row.name, CONNS, result.per_second)
     series.add(row.name, FAILED, result.errors)
@@ -269,6 +275,9 @@ def measure_row(
     if before is not None and after is not None and result.started:
         series.add(row.name, PER_CONN, (after - before) / result.started)
     doc = row.stats()
+    reads_after = queue_reads(doc)
+    if reads is not None and reads_after is not None and reads_after[0] > reads[0]:
+        series.add(row.name, PER_DRAIN, (reads_after[1] - reads[1]) / (reads_after[0] - reads[0]))
     if doc is not None and "offload" in doc:
         monitor = doc["offload"].get("monitor") or {}
         series.add(row.name, OVERFLOWS, int(monitor.get("overflows", 0)))
@@ -332,6 +341,27 @@ def ratio_line(
     return f"{label:<{width}} " + ", ".join(parts) if parts else None
 
 
+def ceiling_line(series: Series, row: str, base: str) -> str | None:
+    """What the machine's CPUs allow ``row`` against ``base`` on connections/s: both rows' busy CPUs and CPU per
+    connection (the whole machine's: load generators, servers and kernel too), and the most ``row`` could reach
+    with every CPU busy at its measured cost per connection. When ``row`` already keeps every CPU busy, its ratio
+    is what this machine can give, whatever the balancer does; None without the figures."""
+    cpus = os.cpu_count() or 1
+    rate, base_rate = series.median(row, CONNS), series.median(base, CONNS)
+    busy, base_busy = series.median(row, MACHINE), series.median(base, MACHINE)
+    if not (rate and base_rate and busy and base_busy):
+        return None
+    cost, base_cost = busy / rate, base_busy / base_rate  # CPU-seconds per connection, everything counted
+    most = cpus / cost / base_rate
+    line = (f"  machine CPUs: {base} {base_busy:.2f} of {cpus} busy ({base_cost * 1e6:.0f} us per connection, "
+            f"everything counted), {row} {busy:.2f} ({cost * 1e6:.0f} us): with all {cpus} busy at that cost "
+            f"{row} could reach {most:.2f}x")  # fmt: skip
+    batch, base_batch = series.median(row, PER_DRAIN), series.median(base, PER_DRAIN)
+    if batch is not None and base_batch is not None:
+        line += f"; packets per queue read {base_batch:.0f} / {batch:.0f}"
+    return line
+
+
 def l4_table(series: Series, rows: Sequence[str], skipped: dict[str, str]) -> str:
     """The rows' bulk, connections/s and packets-to-convey medians as a Markdown table, then the skipped rows."""
     body = []
@@ -341,10 +371,10 @@ def l4_table(series: Series, rows: Sequence[str], skipped: dict[str, str]) -> st
         failed = int(sum(series.get(name, FAILED)))
         conns = series.cell(name, CONNS) + (f" ({failed} failed)" if failed else "")
         body.append([name, series.cell(name, UP, ".2f"), series.cell(name, DOWN, ".2f"), conns,
-                     series.cell(name, CPU, ".0f"), series.cell(name, PER_CONN, ".1f"),
-                     series.cell(name, PER_MB, ",.0f")])  # fmt: skip
+                     series.cell(name, CPU, ".0f"), series.cell(name, MACHINE, ".2f"),
+                     series.cell(name, PER_CONN, ".1f"), series.cell(name, PER_MB, ",.0f")])  # fmt: skip
     header = ["path", "bulk up Gbit/s", "bulk down Gbit/s", "conn/s", "convey CPU % (conn/s)",
-              "to convey pkt/conn", "to convey pkt/MB down"]  # fmt: skip
+              "machine CPUs (conn/s)", "to convey pkt/conn", "to convey pkt/MB down"]  # fmt: skip
     lines = [markdown_table(header, body)]
     lines += [f"{name}: SKIPPED: {reason}" for name, reason in skipped.items()]
     for name in rows:
@@ -353,6 +383,15 @@ def l4_table(series: Series, rows: Sequence[str], skipped: dict[str, str]) -> st
             lines.append(f"note: {name}: convey's conntrack event socket overflowed (resynchronised from a dump) "
                          f"{int(sum(overflows))} time(s) over {len(overflows)} round(s)")  # fmt: skip
     return "\n".join(lines)
+
+
+def queue_reads(doc: dict[str, Any] | None) -> tuple[int, int] | None:
+    """(drains, packets) of convey's queue(s), summed over workers, from a /stats document; None without them
+    (no convey, or a binding that does not count them)."""
+    queue = (doc or {}).get("packet", {}).get("queue", {})
+    if "drains" not in queue or "packets" not in queue:
+        return None
+    return int(queue["drains"]), int(queue["packets"])
 
 
 def verdict_count(doc: dict[str, Any]) -> int:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from bench.lib.l4 import CONNS, ratio_line
+import os
+
+import pytest
+
+from bench.lib.l4 import CONNS, MACHINE, PER_DRAIN, ceiling_line, queue_reads, ratio_line
 from bench.lib.rounds import Series
 
 
@@ -30,3 +34,28 @@ def test_a_target_line_shows_the_range_of_the_rounds() -> None:
     assert line is not None
     assert line.endswith("conn/s 0.62x (NOT met: >= 0.7x; rounds 0.60-0.71x)"), line
     assert ratio_line(s, "off", "nat", "off / nat:") == "off / nat:                             conn/s 0.62x"
+
+
+def test_the_ceiling_line_says_what_every_busy_cpu_would_allow(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    s = Series()
+    s.add("one", CONNS, 3000)
+    s.add("one", MACHINE, 1.2)  # 400 us of machine CPU per connection
+    s.add("two", CONNS, 4500)
+    s.add("two", MACHINE, 1.8)  # the same cost: 2 CPUs / 400 us = 5,000/s = 1.67x one
+    line = ceiling_line(s, "two", "one")
+    assert line is not None
+    assert "one 1.20 of 2 busy (400 us per connection" in line, line
+    assert "two 1.80 (400 us)" in line, line
+    assert line.endswith("two could reach 1.67x"), line
+    assert ceiling_line(s, "three", "one") is None  # no figures: no line
+    s.add("one", PER_DRAIN, 80.4)
+    s.add("two", PER_DRAIN, 26.6)
+    line = ceiling_line(s, "two", "one")
+    assert line is not None and line.endswith("1.67x; packets per queue read 80 / 27"), line
+
+
+def test_queue_reads_come_from_the_packet_sections_queue() -> None:
+    assert queue_reads({"packet": {"queue": {"num": 0, "drains": 3, "packets": 90}}}) == (3, 90)
+    assert queue_reads({"packet": {"queue": {"num": 0}}}) is None  # netfilterqueue: not counted
+    assert queue_reads(None) is None and queue_reads({"mode": "proxy"}) is None
