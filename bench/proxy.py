@@ -59,6 +59,7 @@ CHUNK = 1024 * 1024
 WARMUP = 0.3
 MAX_SHORT_CONNECTIONS = 2_000_000  # per client process: a bound that the time limit reaches first
 HAS_UVLOOP = importlib.util.find_spec("uvloop") is not None
+FLOOR = "uvloop floor relay"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,6 +268,13 @@ def bench(args: argparse.Namespace) -> list[Row]:
             )
             return proc, bulk_listen, rr_listen
 
+        def floor() -> tuple[subprocess.Popen[str] | None, int, int]:
+            bulk_listen, rr_listen = free_port(), free_port()
+            proc = children.role(
+                "floor_relay", HOST, bulk_listen, bulk_server, rr_listen, rr_server, pin=proxy_cpu
+            )
+            return proc, bulk_listen, rr_listen
+
         def haproxy(threads: int) -> tuple[subprocess.Popen[str] | None, int, int]:
             bulk_listen, rr_listen = free_port(), free_port()
             cfg = Path(tmp.name) / f"haproxy-{threads}.cfg"
@@ -312,6 +320,8 @@ def bench(args: argparse.Namespace) -> list[Row]:
             proxies.append(Proxy(label, functools.partial(convey_cli, workers)))
         if HAS_UVLOOP:
             proxies.append(Proxy("convey (uvloop)", functools.partial(convey, True)))
+            if args.floor:
+                proxies.append(Proxy(FLOOR, floor))
         else:
             print("  uvloop is not installed: skipping the convey+uvloop row", file=sys.stderr)
         haproxy_path = shutil.which("haproxy")
@@ -383,7 +393,7 @@ def table(rows: list[Row], rounds: int) -> str:
             "ratios against haproxy (nbthread 1): measured, and per proxy CPU-second (work per core)"
         )
         for row in rows:
-            if not row.name.startswith("convey"):
+            if not row.name.startswith("convey") and row.name != FLOOR:
                 continue
             parts = []
             for m in metrics:
@@ -443,6 +453,11 @@ def main(argv: list[str] | None = None) -> int:
         help="short-connection generator processes (default 1 with C, 2 without)",
     )
     parser.add_argument("--rr-concurrency", type=int, default=64, help="concurrent connections per generator")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also the floor row: the least relay of asyncio Protocols on uvloop (bench/lib/roles.py floor_relay)",
+    )
     parser.add_argument(
         "--workers",
         type=int,

@@ -5,11 +5,13 @@ types the table below gives."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import signal
 import sys
 import time
 from collections.abc import Callable
+from typing import cast
 
 from bench.lib import packet_roles, traffic
 
@@ -58,6 +60,109 @@ addr = "{addr}:{rr_server}"
     loop.run_until_complete(main())
 
 
+def floor_relay(addr: str, bulk_listen: int, bulk_server: int, rr_listen: int, rr_server: int) -> None:
+    """The least a relay of asyncio Protocols on uvloop does per connection, as a floor for convey's relay: the
+    loop's own accept (``create_server``), one task per connection for ``create_connection``, bytes passed on as
+    they come and EOF passed on; no scheduling, counting, limits, timeouts or error handling. Not a proxy to run:
+    a measure of what the event loop and the kernel cost before convey's own code. SIGTERM ends it."""
+    import uvloop
+
+    class Upstream(asyncio.Protocol):
+        eof = False
+
+        def __init__(self, client: Client) -> None:
+            self.client = client
+
+        def data_received(self, data: bytes) -> None:
+            self.client.transport.write(data)
+
+        def eof_received(self) -> bool:
+            self.eof = True
+            client = self.client
+            if client.eof or client.transport.is_closing():  # both ways ended (what was written is flushed)
+                client.transport.close()
+                return False
+            client.transport.write_eof()
+            return True
+
+        def pause_writing(self) -> None:  # the server is slow to read: stop reading the client
+            self.client.transport.pause_reading()
+
+        def resume_writing(self) -> None:
+            self.client.transport.resume_reading()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if not self.client.transport.is_closing():
+                self.client.transport.close()
+
+    class Client(asyncio.Protocol):
+        transport: asyncio.Transport
+        server: asyncio.Transport | None = None
+        upstream: Upstream | None = None
+        early: bytes = b""  # what the client sent before the server connection was up
+        eof = False
+
+        def __init__(self, port: int) -> None:
+            self.port = port
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = cast(asyncio.Transport, transport)
+            asyncio.get_running_loop().create_task(self.connect())
+
+        async def connect(self) -> None:
+            loop = asyncio.get_running_loop()
+            server, self.upstream = await loop.create_connection(lambda: Upstream(self), addr, self.port)
+            self.server = server
+            if self.transport.is_closing():  # the client went away meanwhile
+                server.close()
+                return
+            if self.early:
+                server.write(self.early)
+            if self.eof:
+                server.write_eof()
+
+        def data_received(self, data: bytes) -> None:
+            if self.server is None:
+                self.early += data
+            else:
+                self.server.write(data)
+
+        def eof_received(self) -> bool:
+            self.eof = True
+            if self.server is None:
+                return True  # connect() passes it on
+            if self.upstream is not None and self.upstream.eof:  # both ways ended
+                self.server.close()
+                return False
+            self.server.write_eof()
+            return True
+
+        def pause_writing(self) -> None:  # the client is slow to read: stop reading the server
+            if self.server is not None:
+                self.server.pause_reading()
+
+        def resume_writing(self) -> None:
+            if self.server is not None:
+                self.server.resume_reading()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.server is not None and not self.server.is_closing():
+                self.server.close()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        servers = [await loop.create_server(functools.partial(Client, port), addr, listen, backlog=1024)
+                   for listen, port in ((bulk_listen, bulk_server), (rr_listen, rr_server))]  # fmt: skip
+        print("ready", flush=True)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        for server in servers:
+            server.close()
+
+    uvloop.run(main())
+
+
 def _flag(text: str) -> bool:
     return bool(int(text))
 
@@ -71,6 +176,7 @@ ROLES: dict[str, tuple[Callable[..., None], tuple[Callable[[str], object], ...]]
     "blast": (packet_roles.blast, (str, float)),
     "flows": (packet_roles.flows, (str, int, int, int, float)),
     "convey_proxy": (convey_proxy, (str, int, int, int, int, _flag)),
+    "floor_relay": (floor_relay, (str, int, int, int, int)),
 }
 
 

@@ -21,7 +21,9 @@ Per connection:
 * connected: ``pool.acquire(server)``, ``opened`` on the server's scope, then relay. Half-close is passed on: an EOF
   from one side becomes ``write_eof()`` towards the other, which may keep sending; both transports are closed once
   both directions have ended, or as soon as either side's connection is lost (the other side still gets what was
-  already buffered for it: ``close()`` flushes).
+  already buffered for it: ``close()`` flushes). Never ``write_eof()`` a transport that has itself received EOF:
+  uvloop 0.23.0 then aborts the process under load (``double free or corruption``, seen while writing
+  bench/lib/roles.py's floor relay); closing both when the second side ends is what avoids it.
 * flow control: when one transport's write buffer passes its high-water mark the other side stops reading until it
   drains, so a slow peer never makes the proxy buffer more than about one high-water mark per direction.
 * idle: each protocol stores ``_idle = 0`` per chunk received (and per drain, EOF); the frontend's sweep closes
